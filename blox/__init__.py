@@ -1,0 +1,20 @@
+"""blox: explicit-state neural networks for JAX.
+
+`outputs, params = module(params, *inputs)`: a static `Graph` names things,
+a `Params` pytree holds every array (RNG state included), and raw `jax.jit`,
+`jax.grad`, `jax.vmap`, `jax.checkpoint` and `jax.lax.scan` apply directly.
+A drop-in for the public API of jax-blox 0.1.6.
+"""
+
+from blox.errors import ParamMismatchError, ParamNotFoundError, ParamsLockedError, RngNotSeededError
+from blox.graph import Graph, Path
+from blox.module import Module
+from blox.params import Metadata, Param, Params
+from blox.rng import Rng
+
+__version__ = '0.2.0'
+
+__all__ = [
+    'Graph', 'Module', 'Param', 'Params', 'Rng', 'Metadata', 'Path',
+    'ParamMismatchError', 'ParamNotFoundError', 'ParamsLockedError', 'RngNotSeededError',
+]

@@ -1,0 +1,99 @@
+"""Graph: the static naming tree of a model. It holds names and modules, never arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+  from blox.module import Module
+
+Path = tuple[str, ...]
+
+
+class Graph:
+  """A node of the static naming tree.
+
+  Each node has a `name` and a `path` (the names from the root down to it).
+  A module binds to one node and stores its params under `node.path`.
+  Child names are unique under a parent, so two modules can never share a
+  param path by accident.
+  """
+
+  def __init__(self, name: str) -> None:
+    if not isinstance(name, str) or not name:
+      raise ValueError(f'Graph name must be a non-empty string, got {name!r}.')
+    if '/' in name:
+      raise ValueError(
+          f"Graph name {name!r} contains '/': use graph / 'a' / 'b' to nest "
+          'nodes instead of one name with a slash.'
+      )
+    self.name = name
+    self.path: Path = (name,)
+    self.metadata: dict[str, Any] = {}
+    self._children: dict[str, Graph] = {}
+    self._parent: Graph | None = None
+    self._module: Module | None = None
+
+  def child(self, name: str) -> Graph:
+    """Returns a new child node called `name`; a duplicate name is an error."""
+    if name in self._children:
+      raise ValueError(
+          f"Graph node {'/'.join(self.path)!r} already has a child named "
+          f'{name!r}. Each child needs its own name (e.g. {name}_1, {name}_2), '
+          'so that no two modules share a param path.'
+      )
+    node = Graph(name)
+    node._parent = self
+    node.path = self.path + (name,)
+    self._children[name] = node
+    return node
+
+  def __truediv__(self, name: str) -> Graph:
+    return self.child(name)
+
+  def _bind(self, module: Module) -> None:
+    if self._module is not None:
+      raise ValueError(
+          f"Graph node {'/'.join(self.path)!r} is already bound to "
+          f'{type(self._module).__name__}; cannot also bind '
+          f'{type(module).__name__}. Give each module its own node with '
+          'graph.child(name).'
+      )
+    self._module = module
+
+  @property
+  def is_root(self) -> bool:
+    return self._parent is None
+
+  @property
+  def parent(self) -> Graph | None:
+    return self._parent
+
+  @property
+  def root(self) -> Graph:
+    node = self
+    while node._parent is not None:
+      node = node._parent
+    return node
+
+  @property
+  def module(self) -> Module | None:
+    """The module bound to this node, if any (the root binds none)."""
+    return self._module
+
+  @property
+  def children(self) -> dict[str, Graph]:
+    return dict(self._children)
+
+  def walk(self) -> Iterator[tuple[Path, Module]]:
+    """Yields `(path, module)` for every bound descendant, depth first."""
+    for node in self._children.values():
+      if node._module is not None:
+        yield node.path, node._module
+      yield from node.walk()
+
+  def __repr__(self) -> str:
+    path = '/'.join(self.path)
+    n = len(self._children)
+    return f"Graph('{path}')" if n == 0 else f"Graph('{path}', children={n})"

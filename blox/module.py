@@ -1,0 +1,214 @@
+"""Module: binds a Graph node to the code that reads and creates its params."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blox.errors import ParamMismatchError, ParamNotFoundError, ParamsLockedError
+from blox.graph import Graph, Path
+from blox.params import Metadata, Param, Params
+
+if TYPE_CHECKING:
+  from blox.rng import Rng
+
+Initializer = Callable[..., Any]
+
+
+def _fmt(path: Path) -> str:
+  return '/'.join(map(str, path))
+
+
+class Module:
+  """Base class of every layer: `outputs, params = module(params, *inputs)`.
+
+  A subclass takes `graph` first, calls `super().__init__(graph)`, and keeps
+  only static configuration on `self`; arrays live in `Params`. Constructor
+  arguments are recorded (for `display`, `summary` and `repr`).
+  """
+
+  _init_type: str
+  _init_args: dict[str, Any]
+
+  def __init__(self, graph: Graph) -> None:
+    if not isinstance(graph, Graph):
+      raise TypeError(
+          f'{type(self).__name__} expects a bx.Graph as its first argument, '
+          f'got {type(graph).__name__}. Pass graph.child(name).'
+      )
+    if graph.is_root:
+      raise ValueError(
+          f'Cannot bind {type(self).__name__} to the root graph node '
+          f'{graph.name!r}: the root binds no module. Use '
+          f"graph.child('name') (or graph / 'name')."
+      )
+    graph._bind(self)
+    self.graph = graph
+
+  def __init_subclass__(cls, **kwargs: Any) -> None:
+    super().__init_subclass__(**kwargs)
+    init = cls.__dict__.get('__init__')
+    if init is None:
+      return
+    try:
+      signature = inspect.signature(init)
+    except (TypeError, ValueError):
+      return
+
+    @functools.wraps(init)
+    def recording_init(self: Module, *args: Any, **kw: Any) -> None:
+      if not hasattr(self, '_init_args'):  # the most derived class records
+        try:
+          bound = signature.bind(self, *args, **kw)
+          bound.apply_defaults()
+          self._init_args = {k: v for k, v in bound.arguments.items() if k not in ('self', 'graph', '__class__')}
+        except TypeError:
+          self._init_args = {}
+        self._init_type = cls.__name__
+      init(self, *args, **kw)
+      if getattr(self, 'graph', None) is None:
+        raise RuntimeError(f'{cls.__name__}.__init__ did not call super().__init__(graph).')
+
+    cls.__init__ = recording_init  # type: ignore[method-assign]
+
+  # -- params ----------------------------------------------------------------
+
+  def param_path(self, name: str) -> Path:
+    """`graph.path + (name,)`: where this module's param `name` lives."""
+    return self.graph.path + (name,)
+
+  def get_param(
+      self,
+      params: Params,
+      name: str,
+      shape: tuple[int, ...] | None = None,
+      init: Initializer | None = None,
+      dtype: Any = None,
+      trainable: bool = True,
+      metadata: Mapping[str, Any] | None = None,
+      rng: Rng | None = None,
+  ) -> tuple[Any, Params]:
+    """Returns `(value, params)`, creating the param on first use.
+
+    Args:
+      params: the Params container.
+      name: local name, stored at `self.param_path(name)`.
+      shape: required to create; when given for an existing param it must match.
+      init: `init(key, shape, dtype)`, required to create.
+      dtype: param dtype; `None` means float32 when creating and no check when
+        reading. An explicit dtype must match an existing param's.
+      trainable: whether `params.split()` puts it with the trainable params.
+      metadata: static dict; `'sharding'` holds one logical axis name per dim.
+      rng: an Rng module; its next key is passed to `init` (the counter
+        advances even when `init` ignores the key, so changing one
+        initializer never reshuffles the others).
+    """
+    if not isinstance(params, Params):
+      raise TypeError(
+          f'{type(self).__name__} at {_fmt(self.graph.path)} expected Params as '
+          f'its first argument, got {type(params).__name__}. Call it as '
+          'module(params, *inputs).'
+      )
+    path = self.param_path(name)
+    existing = params._data.get(path)
+    if existing is not None:
+      _check_existing(path, existing, shape, dtype)
+      return existing.value, params
+    if shape is None or init is None:
+      raise ParamNotFoundError(
+          f'Param {_fmt(path)} does not exist and cannot be created: '
+          f'shape={shape!r}, init={"given" if init else None}. Pass shape= and '
+          'init= to create it, or load it into params first.'
+      )
+    if params._locked:
+      raise ParamsLockedError(
+          f'Param {_fmt(path)} does not exist and params are locked. Locked '
+          'params refuse new entries so that a renamed or missing weight is '
+          'caught instead of silently re-initialised. If this param is new on '
+          'purpose (an adapter, a new head), call params.unlocked(), run the '
+          'model once, then .locked(); otherwise check the module names.'
+      )
+    shape = tuple(int(d) for d in shape)
+    dtype = jnp.float32 if dtype is None else dtype
+    meta = Metadata(metadata or {})
+    axes = meta.get('sharding')
+    if axes is not None and len(axes) != len(shape):
+      raise ValueError(
+          f"Param {_fmt(path)}: metadata['sharding']={tuple(axes)!r} names "
+          f'{len(axes)} axes but the param has shape {shape} ({len(shape)} '
+          'dims). Give one logical axis name (or None) per dimension.'
+      )
+    if rng is not None:
+      key, params = rng(params)
+    else:
+      key = None
+    value = init(key, shape, dtype)
+    if tuple(np.shape(value)) != shape:
+      raise ValueError(f'Initializer for {_fmt(path)} returned shape {np.shape(value)}, expected {shape}.')
+    return value, params._with(path, Param(value, trainable, meta))
+
+  def set_param(
+      self,
+      params: Params,
+      name: str,
+      value: Any,
+      trainable: bool | None = None,
+      metadata: Mapping[str, Any] | None = None,
+  ) -> Params:
+    """Returns params with this module's param `name` updated.
+
+    `value=None` keeps the value; `metadata` is merged into the existing one.
+    Works on locked params too (state such as norm statistics and RNG
+    counters changes during training); only creating new params is refused.
+    """
+    path = self.param_path(name)
+    existing = params._data.get(path)
+    if existing is None:
+      raise ParamNotFoundError(
+          f'set_param: no param at {_fmt(path)}. Create it with get_param '
+          '(shape=, init=) before updating it.'
+      )
+    if value is None and trainable is None and metadata is None:
+      raise ValueError(f'set_param({_fmt(path)}): give at least one of value, trainable or metadata.')
+    if value is not None:
+      if not isinstance(value, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+        raise TypeError(f'set_param({_fmt(path)}): value must be an array, got {type(value).__name__}.')
+      _check_existing(path, existing, np.shape(value), value.dtype, what='set_param with')
+    return params._with(path, Param(
+        existing.value if value is None else value,
+        existing.trainable if trainable is None else trainable,
+        existing.metadata if metadata is None else {**existing.metadata, **metadata},
+    ))
+
+  def __repr__(self) -> str:
+    args = ', '.join(f'{k}={v!r}' for k, v in getattr(self, '_init_args', {}).items())
+    return f'{getattr(self, "_init_type", type(self).__name__)}({args})'
+
+  def __call__(self, params: Params, *args: Any, **kwargs: Any) -> tuple[Any, Params]:
+    raise NotImplementedError(f'{type(self).__name__} must implement __call__(params, ...) -> (outputs, params).')
+
+
+def _check_existing(path: Path, existing: Param, shape: Any, dtype: Any, what: str = 'requested with') -> None:
+  value = existing.value
+  have_shape = getattr(value, 'shape', None)
+  if shape is not None and have_shape is not None and tuple(shape) != tuple(have_shape):
+    raise ParamMismatchError(
+        f'Param {_fmt(path)} exists with shape {tuple(have_shape)} but was '
+        f'{what} shape {tuple(shape)}. The input feature size probably changed '
+        'since init (or two modules share a graph node); re-initialise, or '
+        'fix the input shape.'
+    )
+  have_dtype = getattr(value, 'dtype', None)
+  if dtype is not None and have_dtype is not None and jnp.dtype(dtype) != jnp.dtype(have_dtype):
+    raise ParamMismatchError(
+        f'Param {_fmt(path)} exists with dtype {jnp.dtype(have_dtype).name} but was '
+        f'{what} dtype {jnp.dtype(dtype).name}. Build the layer with '
+        f'param_dtype={jnp.dtype(have_dtype).name}, or cast the stored params '
+        'to the dtype the model asks for.'
+    )
