@@ -1,0 +1,399 @@
+"""Configuration: frozen dataclasses, YAML presets, dotted overrides.
+
+Every default lives here, once, with a one-line doc. A preset in `configs/`
+is a small YAML file that sets only what differs; the command line adds
+dotted overrides (`model.num_layers=4 optimizer.learning_rate=1e-3`).
+Unknown keys, wrong types and a key given twice with different values are
+errors that name the key and suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def field(default: Any, doc: str) -> Any:
+  """A dataclass field with a default and its one-line documentation."""
+  if isinstance(default, (dict, list)):
+    return dataclasses.field(default_factory=lambda: type(default)(default), metadata={'doc': doc})
+  return dataclasses.field(default=default, metadata={'doc': doc})
+
+
+class ConfigError(ValueError):
+  """A config file or override is invalid; the message names the key."""
+
+
+# -----------------------------------------------------------------------------
+# Sections
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer language model."""
+  vocab_size: int = field(256, 'Vocabulary size (256 = the byte-level tokenizer).')
+  d_model: int = field(128, 'Width of the residual stream.')
+  num_layers: int = field(4, 'Number of transformer blocks (one Stack).')
+  num_heads: int = field(4, 'Query heads per attention layer.')
+  num_kv_heads: int = field(0, 'Key/value heads (0 = num_heads; 1 = multi-query; else grouped-query).')
+  head_dim: int = field(0, 'Per-head width (0 = d_model // num_heads).')
+  mlp_dim: int = field(512, 'Hidden width of the MLP.')
+  mlp_activation: str = field('swiglu', "MLP type: 'swiglu' (gated SiLU) or 'gelu'.")
+  norm: str = field('rmsnorm', "Normalisation: 'rmsnorm' or 'layernorm'.")
+  norm_eps: float = field(1e-5, 'Epsilon of the norms.')
+  qk_norm: bool = field(False, 'RMS-normalise queries and keys per head before attention.')
+  position: str = field('rope', "Positions: 'rope' (rotary) or 'learned' (GPT-2 style absolute embeddings).")
+  rope_theta: float = field(10000.0, 'RoPE base frequency.')
+  max_seq_len: int = field(256, 'Longest sequence the model (and its KV cache) supports.')
+  sliding_window: int = field(0, 'Attend only to the last N positions (0 = full causal attention).')
+  tie_embeddings: bool = field(True, 'Use the token embedding matrix as the output head.')
+  use_bias: bool = field(False, 'Biases in attention and MLP projections.')
+  dropout_rate: float = field(0.0, 'Dropout probability on residual branches during training.')
+  param_dtype: str = field('float32', 'Storage dtype of the params (the master copy).')
+  dtype: str = field('float32', "Compute dtype of activations ('bfloat16' for mixed precision).")
+  remat: str = field('full', "Per-layer checkpoint policy: none, full, dots, dots_no_batch, save_names, offload_names.")
+  remat_names: tuple[str, ...] = field((), "Activation names for remat='save_names'/'offload_names' (e.g. [attn_out, mlp_out]).")
+  scan_layers: bool = field(True, 'Run the Stack with lax.scan (False: a Python loop over the same params).')
+  z_loss: float = field(0.0, 'Weight of the z-loss (log-softmax normaliser squared); 0 disables.')
+  init_std: float = field(0.02, 'Stddev of the normal initialiser for embeddings and projections.')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from and how batches are made."""
+  source: str = field('stdlib', "'stdlib' (embedded corpus: this Python's own standard library source), 'text', 'tokens' or 'array_record'.")
+  path: str = field('', "File or glob for 'text' (UTF-8), 'tokens' (raw uint16/uint32 file) or 'array_record'.")
+  token_dtype: str = field('uint16', "dtype of a 'tokens' file: uint16 or uint32.")
+  tokenizer: str = field('byte', "Tokenizer: 'byte' (UTF-8 bytes, vocab 256).")
+  seq_len: int = field(128, 'Tokens per training sequence (packed).')
+  batch_size: int = field(16, 'Global batch size in sequences (split across processes and data shards).')
+  shuffle_seed: int = field(0, 'Seed of the deterministic shuffle.')
+  eval_fraction: float = field(0.02, 'Fraction of the corpus held out for eval loss.')
+  max_bytes: int = field(4_000_000, "Cap on the bytes read for the 'stdlib' corpus (keeps start-up fast).")
+  worker_count: int = field(0, 'grain worker processes (0 = in the main process).')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with warmup and decay, clipping and accumulation (optax)."""
+  learning_rate: float = field(3e-3, 'Peak learning rate.')
+  warmup_steps: int = field(50, 'Linear warmup steps from 0 to the peak.')
+  schedule: str = field('cosine', "Decay after warmup: 'cosine', 'linear' or 'constant'.")
+  min_lr_ratio: float = field(0.1, 'Final learning rate as a fraction of the peak.')
+  b1: float = field(0.9, 'Adam beta1.')
+  b2: float = field(0.95, 'Adam beta2.')
+  eps: float = field(1e-8, 'Adam epsilon.')
+  weight_decay: float = field(0.1, 'Decoupled weight decay (not applied to norms, biases or 1-d params).')
+  grad_clip: float = field(1.0, 'Clip gradients to this global norm (0 disables).')
+  grad_accum_steps: int = field(1, 'Micro-batches accumulated per optimizer step.')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: length, seeds, logging, eval and samples."""
+  steps: int = field(600, 'Optimizer steps to train for.')
+  seed: int = field(0, 'Seed of params init and dropout.')
+  workdir: str = field('runs/tiny', 'Directory for checkpoints, metrics.jsonl and plots.')
+  log_every: int = field(10, 'Write a metrics line every N steps.')
+  eval_every: int = field(200, 'Eval loss every N steps (0 disables).')
+  eval_batches: int = field(4, 'Batches per eval.')
+  progress: bool = field(True, 'Show a live progress bar.')
+  sample_prompt: str = field('def ', 'Prompt for the samples printed at the end.')
+  sample_tokens: int = field(120, 'Tokens sampled at the end (0 disables).')
+  sample_temperature: float = field(0.8, 'Sampling temperature (0 = greedy).')
+  plot: bool = field(True, 'Write loss.png to the workdir at the end.')
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """orbax checkpoints: cadence, retention, resume."""
+  every: int = field(200, 'Save every N steps (and at the end).')
+  keep: int = field(3, 'Keep the last K checkpoints.')
+  keep_every: int = field(0, 'Also keep every M-th step forever (0 disables).')
+  async_save: bool = field(True, 'Save in the background, off the training critical path.')
+  resume: bool = field(True, 'Resume from the latest checkpoint in the workdir if there is one.')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh and logical-to-mesh axis rules."""
+  data: int = field(-1, 'Data-parallel axis size (-1 = whatever devices remain).')
+  fsdp: int = field(1, 'Fully-sharded data-parallel axis size (params sharded, batch split).')
+  tensor: int = field(1, 'Tensor-parallel axis size (heads and mlp split).')
+  rules: dict = field({
+      'batch': ['data', 'fsdp'],
+      'vocab': 'tensor',
+      'embed': 'fsdp',
+      'mlp': 'tensor',
+      'heads': 'tensor',
+      'kv_heads': 'tensor',
+      'head_dim': None,
+      'layers': None,
+      'norm': None,
+      'seq': None,
+  }, 'Logical axis name -> mesh axis (or list of axes, or null for replicated).')
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """jax.distributed: multi-process (multi-host) runs."""
+  coordinator_address: str = field('', "host:port of process 0 ('' = let JAX detect SLURM / Cloud TPU, or single process).")
+  num_processes: int = field(0, 'Total processes (0 = from the environment).')
+  process_id: int = field(-1, 'This process (-1 = from the environment).')
+  local_device_count: int = field(0, 'Fake CPU devices per process for local tests (0 = leave XLA alone).')
+  initialization_timeout: int = field(120, 'Seconds to wait for all processes to join.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs."""
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={'doc': 'The model.'})
+  data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={'doc': 'The data.'})
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig, metadata={'doc': 'The optimizer.'})
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={'doc': 'The loop.'})
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig, metadata={'doc': 'Checkpoints.'})
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig, metadata={'doc': 'The mesh.'})
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig, metadata={'doc': 'Multi-process.'})
+
+
+# -----------------------------------------------------------------------------
+# Loading
+# -----------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+  """A YAML loader that refuses duplicate keys (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+  seen: dict[Any, Any] = {}
+  for key_node, value_node in node.value:
+    key = loader.construct_object(key_node, deep=deep)
+    if key in seen:
+      raise ConfigError(f'Key {key!r} appears twice in the same mapping (line {key_node.start_mark.line + 1}). Keep one.')
+    seen[key] = loader.construct_object(value_node, deep=deep)
+  return seen
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, '__name__', str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  """Checks `value` against the annotation `tp`; converts lists to tuples."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    errors = []
+    for option in typing.get_args(tp):
+      if option is type(None):
+        if value is None:
+          return None
+        continue
+      try:
+        return _coerce(value, option, key)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(f'{key}: {value!r} matches none of {tp}.')
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      value = (value,) if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f'{key}: expected a list, got {type(value).__name__} {value!r}.')
+    args = typing.get_args(tp)
+    item = args[0] if args else Any
+    return tuple(_coerce(v, item, f'{key}[{i}]') for i, v in enumerate(value))
+  if tp is Any:
+    return value
+  if tp is dict or origin is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f'{key}: expected a mapping, got {type(value).__name__} {value!r}.')
+    return dict(value)
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f'{key}: expected true/false, got {type(value).__name__} {value!r}.')
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+    raise ConfigError(f'{key}: expected an integer, got {type(value).__name__} {value!r}.')
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    raise ConfigError(f'{key}: expected a number, got {type(value).__name__} {value!r}.')
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise ConfigError(f'{key}: expected a string, got {type(value).__name__} {value!r} (quote it in YAML).')
+  raise ConfigError(f'{key}: unsupported field type {_type_name(tp)}.')
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+  hint = f" Did you mean '{prefix}{close[0]}'?" if close else ''
+  return ConfigError(f"Unknown config key '{prefix}{key}'.{hint} Valid keys here: {', '.join(valid)}.")
+
+
+def merge_into(config: Any, data: dict[str, Any], prefix: str = '') -> Any:
+  """Returns `config` (a dataclass) with the nested dict `data` applied."""
+  if not isinstance(data, dict):
+    raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}.")
+  hints = typing.get_type_hints(type(config))
+  names = [f.name for f in dataclasses.fields(config)]
+  changes = {}
+  for key, value in data.items():
+    if key not in hints:
+      raise _unknown_key(str(key), names, prefix)
+    current = getattr(config, key)
+    if dataclasses.is_dataclass(current):
+      changes[key] = merge_into(current, value, f'{prefix}{key}.')
+    elif isinstance(current, dict):
+      # Mapping fields (mesh.rules) are updated key by key, not replaced.
+      changes[key] = {**current, **_coerce(value, hints[key], f'{prefix}{key}')}
+    else:
+      changes[key] = _coerce(value, hints[key], f'{prefix}{key}')
+  return dataclasses.replace(config, **changes)
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+  """`['a.b=1', 'c=x']` -> nested dict; a key set twice differently is an error."""
+  nested: dict[str, Any] = {}
+  flat: dict[str, Any] = {}
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f"Override {item!r} is not of the form key=value (e.g. model.num_layers=4).")
+    key, raw = item.split('=', 1)
+    key = key.strip().lstrip('-')
+    value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ''
+    if key in flat and flat[key] != value:
+      raise ConfigError(f'Override {key} is set twice with different values ({flat[key]!r} and {value!r}). Keep one.')
+    flat[key] = value
+    node = nested
+    parts = key.split('.')
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f'Override {key}: {part} is a value, not a section.')
+    node[parts[-1]] = value
+  return nested
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+  out = dict(base)
+  for k, v in extra.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
+      out[k] = _deep_merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+  """Reads a preset; `base: other.yaml` (relative to the file) is applied first."""
+  path = Path(path)
+  if not path.exists():
+    raise ConfigError(f'Config file {path} does not exist. Presets live in configs/ (e.g. configs/tiny.yaml).')
+  data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+  if not isinstance(data, dict):
+    raise ConfigError(f'{path}: the top level must be a mapping of sections (model:, data:, ...).')
+  base = data.pop('base', None)
+  if base is not None:
+    data = _deep_merge(load_yaml(path.parent / base), data)
+  return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+  """Defaults, then the YAML preset at `path`, then dotted overrides."""
+  config = Config()
+  if path is not None:
+    config = merge_into(config, load_yaml(path))
+  if overrides:
+    config = merge_into(config, parse_overrides(overrides))
+  validate(config)
+  return config
+
+
+def validate(config: Config) -> None:
+  """Cross-field rules a single type check cannot see."""
+  m = config.model
+  choices = {
+      'model.mlp_activation': (m.mlp_activation, ('swiglu', 'gelu')),
+      'model.norm': (m.norm, ('rmsnorm', 'layernorm')),
+      'model.position': (m.position, ('rope', 'learned')),
+      'optimizer.schedule': (config.optimizer.schedule, ('cosine', 'linear', 'constant')),
+      'data.source': (config.data.source, ('stdlib', 'text', 'tokens', 'array_record')),
+  }
+  for key, (value, valid) in choices.items():
+    if value not in valid:
+      raise ConfigError(f'{key}={value!r} is not one of {", ".join(valid)}.')
+  positive = {'model.d_model': m.d_model, 'model.num_layers': m.num_layers, 'model.num_heads': m.num_heads,
+              'model.vocab_size': m.vocab_size, 'model.max_seq_len': m.max_seq_len,
+              'data.seq_len': config.data.seq_len, 'data.batch_size': config.data.batch_size,
+              'train.steps': config.train.steps, 'optimizer.grad_accum_steps': config.optimizer.grad_accum_steps}
+  for key, value in positive.items():
+    if value < 1:
+      raise ConfigError(f'{key} must be >= 1, got {value}.')
+  if m.head_dim == 0 and m.d_model % m.num_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim explicitly or change one.')
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv} (grouped-query attention).')
+  if config.data.seq_len > m.max_seq_len:
+    raise ConfigError(f'data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or shorten data.seq_len.')
+  if config.data.tokenizer == 'byte' and m.vocab_size < 256:
+    raise ConfigError(f'model.vocab_size={m.vocab_size} is too small for the byte tokenizer (needs 256).')
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """Plain nested dict (tuples as lists), e.g. to write config.yaml."""
+  out = {}
+  for f in dataclasses.fields(config):
+    v = getattr(config, f.name)
+    out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else _plain(v)
+  return out
+
+
+def _plain(v: Any) -> Any:
+  if isinstance(v, (tuple, list)):
+    return [_plain(x) for x in v]
+  if isinstance(v, dict):
+    return {k: _plain(x) for k, x in v.items()}
+  return v
+
+
+def to_yaml(config: Config) -> str:
+  return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def reference_markdown() -> str:
+  """The config reference, generated from the dataclasses (docs/training.md)."""
+  lines = []
+  for section in dataclasses.fields(Config):
+    cls = typing.get_type_hints(Config)[section.name]
+    lines.append(f'### `{section.name}`: {cls.__doc__.strip()}\n')
+    lines.append('| key | type | default | meaning |')
+    lines.append('|---|---|---|---|')
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+      tp = _type_name(hints[f.name]).replace('|', '\\|')
+      shown = repr(default).replace('|', '\\|')
+      lines.append(f'| `{section.name}.{f.name}` | {tp} | `{shown}` | {f.metadata.get("doc", "")} |')
+    lines.append('')
+  return '\n'.join(lines)
