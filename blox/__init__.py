@@ -11,10 +11,12 @@ from blox.graph import Graph, Path
 from blox.module import Module
 from blox.params import Metadata, Param, Params
 from blox.rng import Rng
+from blox.layers import BatchNorm, Dropout, Embed, LayerNorm, Linear, RMSNorm
 
 __version__ = '0.2.0'
 
 __all__ = [
     'Graph', 'Module', 'Param', 'Params', 'Rng', 'Metadata', 'Path',
     'ParamMismatchError', 'ParamNotFoundError', 'ParamsLockedError', 'RngNotSeededError',
+    'Linear', 'Embed', 'LayerNorm', 'RMSNorm', 'BatchNorm', 'Dropout',
 ]

@@ -1,0 +1,220 @@
+"""LayerNorm, RMSNorm and BatchNorm.
+
+Statistics are always computed in (at least) float32, whatever the input
+dtype: a bf16 mean over thousands of features loses most of its mantissa.
+The output is `dtype` when given, else the jnp promotion of input and params
+(jax-blox's behaviour).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from blox.graph import Graph
+from blox.layers._common import DType, cast, expand_last, require_bool, stats_dtype, with_axes
+from blox.module import Module
+from blox.params import Params
+from blox.rng import Rng
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def _pmean(x: jax.Array, axis_name: str | None, groups: Sequence[Sequence[int]] | None) -> jax.Array:
+  if axis_name is None:
+    return x
+  return jax.lax.pmean(x, axis_name, axis_index_groups=groups)
+
+
+class _Norm(Module):
+  """Shared scale/bias handling of the three norms."""
+
+  rng: Rng | None
+  param_dtype: DType
+  dtype: DType | None
+
+  def _affine(self, params: Params, y: jax.Array, inputs: jax.Array, features: int,
+              use_scale: bool, use_bias: bool) -> tuple[jax.Array, Params]:
+    """`y: f32[..., features]` (normalised) -> scaled, shifted, in the output dtype."""
+    out_dtype = inputs.dtype
+    if use_scale:
+      scale, params = self.get_param(
+          params, 'scale', (features,), self.scale_init, dtype=self.param_dtype,
+          metadata=self.scale_metadata, rng=self.rng)
+      out_dtype = jnp.promote_types(out_dtype, scale.dtype)
+      y = y * expand_last(cast(scale, y.dtype), y.ndim)
+    if use_bias:
+      bias, params = self.get_param(
+          params, 'bias', (features,), self.bias_init, dtype=self.param_dtype,
+          metadata=self.bias_metadata, rng=self.rng)
+      out_dtype = jnp.promote_types(out_dtype, bias.dtype)
+      y = y + expand_last(cast(bias, y.dtype), y.ndim)
+    out_dtype = out_dtype if self.dtype is None else jnp.dtype(self.dtype)
+    return cast(y, out_dtype), params
+
+
+class LayerNorm(_Norm):
+  """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis.
+
+  Params: scale, bias: [features], axes ('norm',) (override with
+  `scale_metadata` / `bias_metadata`). `axis_name` averages the statistics
+  across a named axis (shard_map / vmap).
+  """
+
+  def __init__(
+      self,
+      graph: Graph,
+      epsilon: float = 1e-5,
+      use_scale: bool = True,
+      use_bias: bool = True,
+      scale_init: Initializer = jax.nn.initializers.ones,
+      bias_init: Initializer = jax.nn.initializers.zeros,
+      axis_name: str | None = None,
+      axis_index_groups: Sequence[Sequence[int]] | None = None,
+      rng: Rng | None = None,
+      *,
+      scale_metadata: dict[str, Any] | None = None,
+      bias_metadata: dict[str, Any] | None = None,
+      param_dtype: DType = jnp.float32,
+      dtype: DType | None = None,
+  ) -> None:
+    super().__init__(graph)
+    self.epsilon = epsilon
+    self.use_scale = use_scale
+    self.use_bias = use_bias
+    self.scale_init = scale_init
+    self.bias_init = bias_init
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.rng = rng
+    self.scale_metadata = with_axes(('norm',), scale_metadata)
+    self.bias_metadata = with_axes(('norm',), bias_metadata)
+    self.param_dtype = param_dtype
+    self.dtype = dtype
+
+  def __call__(self, params: Params, inputs: jax.Array) -> tuple[jax.Array, Params]:
+    """`inputs: [..., features]` -> same shape."""
+    x = cast(inputs, stats_dtype(inputs))
+    mean = _pmean(jnp.mean(x, axis=-1, keepdims=True), self.axis_name, self.axis_index_groups)
+    var = _pmean(jnp.var(x, axis=-1, keepdims=True), self.axis_name, self.axis_index_groups)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return self._affine(params, y, inputs, inputs.shape[-1], self.use_scale, self.use_bias)
+
+
+class RMSNorm(_Norm):
+  """`x / sqrt(mean(x**2) + eps) * scale` over the last axis.
+
+  Params: scale: [features], axes ('norm',) (override with `scale_metadata`).
+  """
+
+  def __init__(
+      self,
+      graph: Graph,
+      epsilon: float = 1e-5,
+      use_scale: bool = True,
+      scale_init: Initializer = jax.nn.initializers.ones,
+      axis_name: str | None = None,
+      axis_index_groups: Sequence[Sequence[int]] | None = None,
+      rng: Rng | None = None,
+      *,
+      scale_metadata: dict[str, Any] | None = None,
+      param_dtype: DType = jnp.float32,
+      dtype: DType | None = None,
+  ) -> None:
+    super().__init__(graph)
+    self.epsilon = epsilon
+    self.use_scale = use_scale
+    self.scale_init = scale_init
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.rng = rng
+    self.scale_metadata = with_axes(('norm',), scale_metadata)
+    self.param_dtype = param_dtype
+    self.dtype = dtype
+
+  def __call__(self, params: Params, inputs: jax.Array) -> tuple[jax.Array, Params]:
+    """`inputs: [..., features]` -> same shape."""
+    x = cast(inputs, stats_dtype(inputs))
+    mean_sq = _pmean(jnp.mean(jnp.square(x), axis=-1, keepdims=True), self.axis_name, self.axis_index_groups)
+    y = x * jax.lax.rsqrt(mean_sq + self.epsilon)
+    return self._affine(params, y, inputs, inputs.shape[-1], self.use_scale, False)
+
+
+class BatchNorm(_Norm):
+  """Batch normalisation over every axis but the last.
+
+  `inputs: [batch, *spatial, features]`. Training uses the batch statistics
+  and returns params with updated running averages
+  (`running = momentum * running + (1 - momentum) * batch_stat`); inference
+  (`is_training=False`) uses the running averages.
+
+  Params: running_mean, running_var (non-trainable, float32), scale, bias:
+  all [features], axes ('norm',). Running statistics stay float32 whatever
+  `param_dtype` is: they accumulate small updates over many steps.
+  """
+
+  def __init__(
+      self,
+      graph: Graph,
+      momentum: float = 0.9,
+      epsilon: float = 1e-5,
+      use_scale: bool = True,
+      use_bias: bool = True,
+      scale_init: Initializer = jax.nn.initializers.ones,
+      bias_init: Initializer = jax.nn.initializers.zeros,
+      axis_name: str | None = None,
+      axis_index_groups: Sequence[Sequence[int]] | None = None,
+      rng: Rng | None = None,
+      *,
+      scale_metadata: dict[str, Any] | None = None,
+      bias_metadata: dict[str, Any] | None = None,
+      stats_metadata: dict[str, Any] | None = None,
+      param_dtype: DType = jnp.float32,
+      dtype: DType | None = None,
+  ) -> None:
+    super().__init__(graph)
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.use_scale = use_scale
+    self.use_bias = use_bias
+    self.scale_init = scale_init
+    self.bias_init = bias_init
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.rng = rng
+    self.scale_metadata = with_axes(('norm',), scale_metadata)
+    self.bias_metadata = with_axes(('norm',), bias_metadata)
+    self.stats_metadata = with_axes(('norm',), stats_metadata)
+    self.param_dtype = param_dtype
+    self.dtype = dtype
+
+  def __call__(self, params: Params, inputs: jax.Array, is_training: bool = True) -> tuple[jax.Array, Params]:
+    """`inputs: [batch, *spatial, features]` -> same shape."""
+    is_training = require_bool(is_training, 'is_training', f"BatchNorm {'/'.join(self.graph.path)}")
+    features = inputs.shape[-1]
+    # Same creation order as jax-blox (running stats first, each drawing a
+    # key when rng is given) so the same seed gives the same numbers.
+    running_mean, params = self.get_param(
+        params, 'running_mean', (features,), jax.nn.initializers.zeros, dtype=jnp.float32,
+        trainable=False, metadata=self.stats_metadata, rng=self.rng)
+    running_var, params = self.get_param(
+        params, 'running_var', (features,), jax.nn.initializers.ones, dtype=jnp.float32,
+        trainable=False, metadata=self.stats_metadata, rng=self.rng)
+    x = cast(inputs, stats_dtype(inputs))
+    if is_training:
+      axes = tuple(range(inputs.ndim - 1))
+      mean = _pmean(jnp.mean(x, axis=axes), self.axis_name, self.axis_index_groups)
+      var = _pmean(jnp.var(x, axis=axes), self.axis_name, self.axis_index_groups)
+      # Running averages are state, not part of the differentiated function.
+      m = self.momentum
+      new_mean = m * running_mean + (1.0 - m) * jax.lax.stop_gradient(mean).astype(jnp.float32)
+      new_var = m * running_var + (1.0 - m) * jax.lax.stop_gradient(var).astype(jnp.float32)
+      params = self.set_param(params, 'running_mean', new_mean)
+      params = self.set_param(params, 'running_var', new_var)
+    else:
+      mean, var = cast(running_mean, x.dtype), cast(running_var, x.dtype)
+    y = (x - expand_last(mean, x.ndim)) * expand_last(jax.lax.rsqrt(var + self.epsilon), x.ndim)
+    return self._affine(params, y, inputs, features, self.use_scale, self.use_bias)
