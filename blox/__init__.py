@@ -11,12 +11,18 @@ from blox.graph import Graph, Path
 from blox.module import Module
 from blox.params import Metadata, Param, Params
 from blox.rng import Rng
-from blox.layers import BatchNorm, Dropout, Embed, LayerNorm, Linear, RMSNorm
+from blox.layers import (
+    GRU, LSTM, BatchNorm, Conv, ConvTranspose, Dropout, Embed, GRUState, LayerNorm, Linear, LSTMState,
+    RMSNorm, Sequential, avg_pool, max_pool, min_pool,
+)
+from blox.sequence import RecurrenceBase, SequenceBase, dynamic_scan, static_scan
 
 __version__ = '0.2.0'
 
 __all__ = [
     'Graph', 'Module', 'Param', 'Params', 'Rng', 'Metadata', 'Path',
     'ParamMismatchError', 'ParamNotFoundError', 'ParamsLockedError', 'RngNotSeededError',
-    'Linear', 'Embed', 'LayerNorm', 'RMSNorm', 'BatchNorm', 'Dropout',
+    'Linear', 'Embed', 'LayerNorm', 'RMSNorm', 'BatchNorm', 'Dropout', 'Conv', 'ConvTranspose',
+    'max_pool', 'min_pool', 'avg_pool', 'Sequential', 'LSTM', 'LSTMState', 'GRU', 'GRUState',
+    'SequenceBase', 'RecurrenceBase', 'static_scan', 'dynamic_scan',
 ]
