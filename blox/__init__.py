@@ -15,6 +15,7 @@ from blox.layers import (
     GRU, LSTM, BatchNorm, Conv, ConvTranspose, Dropout, Embed, GRUState, LayerNorm, Linear, LSTMState,
     RMSNorm, Sequential, avg_pool, max_pool, min_pool,
 )
+from blox.display import display, print_summary, summary
 from blox.sequence import RecurrenceBase, SequenceBase, dynamic_scan, static_scan
 
 __version__ = '0.2.0'
@@ -25,4 +26,5 @@ __all__ = [
     'Linear', 'Embed', 'LayerNorm', 'RMSNorm', 'BatchNorm', 'Dropout', 'Conv', 'ConvTranspose',
     'max_pool', 'min_pool', 'avg_pool', 'Sequential', 'LSTM', 'LSTMState', 'GRU', 'GRUState',
     'SequenceBase', 'RecurrenceBase', 'static_scan', 'dynamic_scan',
+    'display', 'summary', 'print_summary',
 ]
