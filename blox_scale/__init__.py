@@ -1,0 +1,9 @@
+"""blox_scale: everything about scale on top of blox (import as `bs`)."""
+
+from blox_scale import layout, remat
+from blox_scale.group import Group
+from blox_scale.layout import restack, unstack
+from blox_scale.remat import POLICIES as REMAT_POLICIES
+from blox_scale.stack import Stack
+
+__all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat']
