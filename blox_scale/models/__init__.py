@@ -1,0 +1,5 @@
+"""Models built on `bs.Stack`."""
+
+from blox_scale.models.decoder import DecoderLM, LMHead
+
+__all__ = ['DecoderLM', 'LMHead']

@@ -1,0 +1,222 @@
+"""DecoderLM: a decoder-only transformer language model on one `bs.Stack`.
+
+    tokens -> embed (+ learned positions) -> Stack(TransformerBlock) x L
+           -> final norm -> logits (tied embedding or own head), float32
+
+The whole model is configured by `ModelConfig` (blox_scale/config.py); the
+presets in configs/ give GPT-2 and Llama shapes. Params live under the graph
+given to the constructor:
+
+  <root>/rng/{seed,counter}            the model's Rng
+  <root>/embed/embedding               [vocab, embed]       ('vocab', 'embed')
+  <root>/pos_embed/embedding           [max_seq_len, embed] (None, 'embed')   position='learned'
+  <root>/layers/block/...              every block param, [num_layers, ...]   ('layers', ...)
+  <root>/final_norm/scale (and bias)   [embed]              ('norm',)
+  <root>/head/kernel                   [embed, vocab]       ('embed', 'vocab') tie_embeddings=False
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import blox as bx
+from blox.layers._common import DType, cast
+from blox_scale.config import ModelConfig
+from blox_scale.nn.attention import Cache, attention_mask
+from blox_scale.nn.block import TransformerBlock, make_norm
+from blox_scale.sharding import constrain
+from blox_scale.stack import Stack
+
+Batch = dict[str, jax.Array]
+
+
+class LMHead(bx.Module):
+  """Untied output projection: `x: [..., embed]` -> float32 logits `[..., vocab]`.
+
+  The matmul runs in the compute dtype and accumulates in float32
+  (`preferred_element_type`): logits feed a softmax over a large vocabulary,
+  where bf16 rounding of the logits themselves would bias the loss.
+  """
+
+  def __init__(self, graph: bx.Graph, vocab_size: int, rng: bx.Rng | None, *, init_std: float = 0.02,
+               param_dtype: DType = jnp.float32, dtype: DType | None = None) -> None:
+    super().__init__(graph)
+    self.vocab_size = vocab_size
+    self.rng = rng
+    self.init_std = init_std
+    self.param_dtype = param_dtype
+    self.dtype = dtype
+
+  def __call__(self, params: bx.Params, x: jax.Array) -> tuple[jax.Array, bx.Params]:
+    kernel, params = self.get_param(
+        params, 'kernel', (x.shape[-1], self.vocab_size), jax.nn.initializers.normal(self.init_std),
+        dtype=self.param_dtype, metadata={'sharding': ('embed', 'vocab')}, rng=self.rng)
+    return project_logits(x, kernel.T, self.dtype), params
+
+
+def project_logits(x: jax.Array, table: jax.Array, dtype: DType | None) -> jax.Array:
+  """`x: [B, T, D]`, `table: [V, D]` -> `f32[B, T, V]`, accumulated in float32."""
+  dt = jnp.result_type(x, table) if dtype is None else jnp.dtype(dtype)
+  return jnp.einsum('btd,vd->btv', cast(x, dt), cast(table, dt), preferred_element_type=jnp.float32)
+
+
+class DecoderLM:
+  """The language model of `ModelConfig`.
+
+  ```
+  model = DecoderLM(bx.Graph('lm'), cfg.model)
+  params = model.init(seed)                                  # locked Params
+  logits, params = model(params, tokens, is_training=False)  # int32[B, T] -> f32[B, T, V]
+  loss, (metrics, params) = model.loss(params, batch, is_training=True)
+  ```
+  `DecoderLM` is not itself a `bx.Module` (the root graph binds none); its
+  parts are. Residual-branch output projections (attention `o`, MLP `wo`)
+  start with std `init_std / sqrt(2 * num_layers)` (GPT-2), so the residual
+  stream's variance at init does not grow with depth.
+  """
+
+  def __init__(self, graph: bx.Graph, config: ModelConfig) -> None:
+    if not isinstance(config, ModelConfig):
+      raise TypeError(f'DecoderLM: config must be a ModelConfig (cfg.model), got {type(config).__name__}.')
+    c = config
+    self.graph = graph
+    self.config = c
+    self.param_dtype = jnp.dtype(c.param_dtype)
+    self.dtype = jnp.dtype(c.dtype)
+    self.num_kv_heads = c.num_kv_heads or c.num_heads
+    self.head_dim = c.head_dim or c.d_model // c.num_heads
+    self.rng = bx.Rng(graph.child('rng'))
+    init = jax.nn.initializers.normal(c.init_std)
+    self.embed = bx.Embed(graph.child('embed'), c.vocab_size, c.d_model, self.rng, embedding_init=init,
+                          param_dtype=self.param_dtype, dtype=self.dtype)
+    self.pos_embed = None
+    if c.position == 'learned':
+      self.pos_embed = bx.Embed(graph.child('pos_embed'), c.max_seq_len, c.d_model, self.rng, embedding_init=init,
+                                embedding_metadata={'sharding': (None, 'embed')},
+                                param_dtype=self.param_dtype, dtype=self.dtype)
+    out_std = c.init_std / math.sqrt(2 * c.num_layers)
+    block = lambda g: TransformerBlock(
+        g, d_model=c.d_model, num_heads=c.num_heads, mlp_dim=c.mlp_dim, rng=self.rng,
+        num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, mlp_activation=c.mlp_activation, norm=c.norm,
+        norm_eps=c.norm_eps, qk_norm=c.qk_norm, use_rope=c.position == 'rope', rope_theta=c.rope_theta,
+        sliding_window=c.sliding_window, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
+        init_std=c.init_std, out_init_std=out_std, param_dtype=self.param_dtype, dtype=self.dtype)
+    self.layers = Stack(graph.child('layers'), block, c.num_layers, rng=self.rng, remat=c.remat,
+                        remat_names=c.remat_names, scan=c.scan_layers)
+    self.final_norm = make_norm(graph.child('final_norm'), c.norm, c.norm_eps, self.param_dtype, self.dtype)
+    self.head = None
+    if not c.tie_embeddings:
+      self.head = LMHead(graph.child('head'), c.vocab_size, self.rng, init_std=c.init_std,
+                         param_dtype=self.param_dtype, dtype=self.dtype)
+
+  # -- init --------------------------------------------------------------------
+
+  def init(self, seed: Any = 0) -> bx.Params:
+    """All params, locked. Pure: works under `jax.eval_shape` and `jax.jit(..., out_shardings=...)`."""
+    params = self.rng.seed(bx.Params(), seed=seed)
+    _, params = self(params, jnp.zeros((1, 1), jnp.int32))
+    return params.locked()
+
+  # -- forward -----------------------------------------------------------------
+
+  def _check_tokens(self, tokens: jax.Array, what: str) -> None:
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f'DecoderLM.{what}: tokens must be int[batch, seq], got {tokens.dtype}{list(tokens.shape)}.')
+
+  def _embed(self, params: bx.Params, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, bx.Params]:
+    x, params = self.embed(params, tokens)
+    if self.pos_embed is not None:
+      p, params = self.pos_embed(params, positions)
+      x = x + p
+    return constrain(cast(x, self.dtype), ('batch', 'seq', 'embed')), params
+
+  def _logits(self, params: bx.Params, x: jax.Array) -> tuple[jax.Array, bx.Params]:
+    x, params = self.final_norm(params, x)
+    if self.head is not None:
+      logits, params = self.head(params, x)
+    else:
+      table, params = self.embed.get_param(params, 'embedding')
+      logits = project_logits(x, table, self.dtype)
+    return constrain(logits, ('batch', 'seq', 'vocab')), params
+
+  def __call__(self, params: bx.Params, tokens: jax.Array, is_training: bool = False) -> tuple[jax.Array, bx.Params]:
+    """`tokens: int[batch, seq]` -> `logits: f32[batch, seq, vocab]` (causal)."""
+    self._check_tokens(tokens, '__call__')
+    batch, seq = tokens.shape
+    if seq > self.config.max_seq_len:
+      raise ValueError(f'DecoderLM: sequence length {seq} exceeds model.max_seq_len={self.config.max_seq_len}.')
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
+    x, params = self._embed(params, tokens, positions)
+    x, params = self.layers(params, x, positions=positions, is_training=is_training)
+    return self._logits(params, x)
+
+  def loss(self, params: bx.Params, batch: Batch, is_training: bool = True) -> tuple[jax.Array, tuple[dict[str, jax.Array], bx.Params]]:
+    """Masked mean next-token cross-entropy (+ z-loss).
+
+    `batch = {'inputs': int32[B, T], 'targets': int32[B, T], 'mask': f32[B, T]}`
+    (mask 1 = counted). Returns `(total, (metrics, params))` with metrics
+    'loss' (cross-entropy), 'z_loss' (its weighted contribution), 'total_loss'
+    and 'tokens' (the mask sum). z-loss (PaLM) is `z_loss * log(Z)**2`: it
+    keeps the softmax normaliser near 1 so bf16 logits do not drift.
+    """
+    missing = [k for k in ('inputs', 'targets', 'mask') if k not in batch]
+    if missing:
+      raise KeyError(f'DecoderLM.loss: batch is missing {missing}; it needs inputs, targets and mask.')
+    logits, params = self(params, batch['inputs'], is_training=is_training)   # f32[B, T, V]
+    targets = batch['targets']
+    mask = batch['mask'].astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)                                   # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    tokens = jnp.sum(mask)
+    denom = jnp.maximum(tokens, 1.0)  # an all-masked batch gives 0, not NaN
+    ce = jnp.sum((log_z - target_logit) * mask) / denom
+    z_loss = self.config.z_loss * jnp.sum(jnp.square(log_z) * mask) / denom
+    total = ce + z_loss
+    metrics = {'loss': ce, 'z_loss': z_loss, 'total_loss': total, 'tokens': tokens}
+    return total, (metrics, params)
+
+  # -- decoding with a KV cache --------------------------------------------------
+
+  def init_cache(self, batch: int, length: int, dtype: DType | None = None) -> Cache:
+    """Zeros `{'k', 'v'}: [num_layers, batch, length, kv_heads, head_dim]` (compute dtype)."""
+    shape = (self.config.num_layers, batch, length, self.num_kv_heads, self.head_dim)
+    dtype = self.dtype if dtype is None else dtype
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+  def decode(self, params: bx.Params, tokens: jax.Array, cache: Cache, *, cache_index: jax.Array | int,
+             pad: jax.Array) -> tuple[tuple[jax.Array, Cache], bx.Params]:
+    """Runs `tokens` through the model reading and extending the KV cache.
+
+    Args:
+      tokens: `int[batch, T]` written at cache slots `[cache_index, cache_index + T)`
+        (the whole left-padded prompt at prefill, one token per step after).
+      cache: from `init_cache`, `[num_layers, batch, S, kv_heads, head_dim]`.
+      cache_index: int scalar, the first slot of these tokens (same for all rows).
+      pad: `int[batch]`, how many left-pad slots each row starts with; row b's
+        token in slot s has position `s - pad[b]`, and slots `< pad[b]` are
+        never attended to.
+    Returns:
+      `((logits: f32[batch, T, vocab], cache), params)`.
+    The stack runs with `call_per_layer`: layer i reads its slice of the
+    cache and returns only its T new keys/values, which are written into the
+    stacked cache here with one `dynamic_update_slice`, so neither the scan
+    nor the Python loop copies the cache into its outputs.
+    """
+    self._check_tokens(tokens, 'decode')
+    batch, seq = tokens.shape
+    length = cache['k'].shape[2]
+    slots = cache_index + jnp.arange(seq, dtype=jnp.int32)                          # [T]
+    positions = jnp.maximum(slots[None, :] - pad[:, None].astype(jnp.int32), 0)     # [B, T]
+    key_valid = jnp.arange(length, dtype=jnp.int32)[None, :] >= pad[:, None]        # [B, S]
+    mask = attention_mask(slots, key_valid, self.config.sliding_window)            # [B, 1, T, S]
+    x, params = self._embed(params, tokens, positions)
+    (x, new_kv), params = self.layers.call_per_layer(
+        params, x, cache, positions=positions, mask=mask, cache_index=cache_index)
+    start = (0, 0, cache_index, 0, 0)
+    cache = {name: jax.lax.dynamic_update_slice(cache[name], new_kv[name], start) for name in cache}
+    logits, params = self._logits(params, x)
+    return (logits, cache), params

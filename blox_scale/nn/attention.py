@@ -1,0 +1,197 @@
+"""Multi-head attention: MHA, grouped-query (GQA) and multi-query (MQA).
+
+One module covers the three: `num_kv_heads == num_heads` is MHA,
+`num_kv_heads == 1` is MQA (Shazeer 2019), anything dividing `num_heads` is
+GQA (Ainslie et al. 2023). Keys and values keep their `num_kv_heads` heads all
+the way into `jax.nn.dot_product_attention`, which groups the query heads
+itself (no `jnp.repeat` of K/V), and which GPUs can route to the cuDNN fused
+kernel.
+
+Params (logical axes in `metadata['sharding']`):
+  q:  [embed, heads, head_dim]      ('embed', 'heads', 'head_dim')
+  k:  [embed, kv_heads, head_dim]   ('embed', 'kv_heads', 'head_dim')
+  v:  [embed, kv_heads, head_dim]   ('embed', 'kv_heads', 'head_dim')
+  o:  [heads, head_dim, embed]      ('heads', 'head_dim', 'embed')
+  with `use_bias`: q_bias [heads, head_dim], k_bias/v_bias [kv_heads, head_dim],
+  o_bias [embed]; with `qk_norm`: q_norm/scale, k_norm/scale [head_dim] ('norm',).
+
+Kernels are 3-d (heads kept as their own axis) so that tensor parallelism can
+shard 'heads' without a reshape that would hide the head boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+import blox as bx
+from blox.layers._common import DType, cast, compute_dtype
+from blox_scale.nn.rope import apply_rope
+
+Cache = dict[str, jax.Array]
+
+
+def _normal(std: float) -> Any:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int = 0) -> jax.Array:
+  """Boolean mask `[batch, 1, T, S]` for attention over a KV cache.
+
+  Args:
+    query_slots: `int[T]`, the cache slot each query token is written to.
+    key_valid: `bool[batch, S]`, which cache slots hold a real token of that
+      row (False for left padding).
+    sliding_window: if > 0, a query sees only the last `sliding_window` slots
+      (itself included).
+  True means "attend". Slots and positions differ by a per-row constant
+  (the left pad), so causality and windows are checked on slots.
+  """
+  slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+  q = query_slots.astype(jnp.int32)[:, None]                  # [T, 1]
+  allowed = slots[None, :] <= q                               # [T, S] causal
+  if sliding_window > 0:
+    allowed = allowed & (slots[None, :] > q - sliding_window)
+  return allowed[None, None, :, :] & key_valid[:, None, None, :]
+
+
+class Attention(bx.Module):
+  """Causal self-attention with RoPE, optional QK-norm and sliding window.
+
+  Call forms:
+    `y, params = attn(params, x, positions)`: training / full sequence,
+      causal (and windowed) by construction.
+    `(y, new_kv), params = attn(params, x, positions, cache, mask=m, cache_index=i)`:
+      decoding. `cache = {'k', 'v'}: [batch, S, kv_heads, head_dim]` holds the
+      earlier tokens' keys/values; the T new ones are written at slots
+      `[i, i + T)` for this call, `mask: bool[batch, 1, T, S]` (see
+      `attention_mask`) says what each query may see, and only the new entries
+      `new_kv = {'k', 'v'}: [batch, T, kv_heads, head_dim]` are returned: the
+      caller writes them into its (layer-stacked) cache once, so a scan over
+      layers never copies the whole cache into its outputs.
+  `x: [batch, T, embed]`, `positions: int[batch, T]`; `y` has x's shape and
+  the compute dtype.
+  """
+
+  def __init__(
+      self,
+      graph: bx.Graph,
+      num_heads: int,
+      rng: bx.Rng | None,
+      *,
+      num_kv_heads: int = 0,
+      head_dim: int = 0,
+      use_bias: bool = False,
+      qk_norm: bool = False,
+      norm_eps: float = 1e-5,
+      use_rope: bool = True,
+      rope_theta: float = 10000.0,
+      sliding_window: int = 0,
+      init_std: float = 0.02,
+      out_init_std: float | None = None,
+      param_dtype: DType = jnp.float32,
+      dtype: DType | None = None,
+  ) -> None:
+    super().__init__(graph)
+    num_kv_heads = num_kv_heads or num_heads
+    where = '/'.join(graph.path)
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+      raise ValueError(
+          f'Attention {where}: num_heads={num_heads} must be a positive multiple of '
+          f'num_kv_heads={num_kv_heads} (1 = multi-query, num_heads = multi-head).')
+    if sliding_window < 0:
+      raise ValueError(f'Attention {where}: sliding_window={sliding_window} must be >= 0 (0 = full causal).')
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.rng = rng
+    self.use_bias = use_bias
+    self.use_rope = use_rope
+    self.rope_theta = rope_theta
+    self.sliding_window = sliding_window
+    self.init_std = init_std
+    self.out_init_std = init_std if out_init_std is None else out_init_std
+    self.param_dtype = param_dtype
+    self.dtype = dtype
+    self.q_norm = self.k_norm = None
+    if qk_norm:
+      # Per-head RMSNorm of q and k (Gemma 3, OLMo 2, Qwen 3): bounds the
+      # attention logits, which otherwise grow with training and blow up bf16.
+      self.q_norm = bx.RMSNorm(graph.child('q_norm'), epsilon=norm_eps, param_dtype=param_dtype, dtype=dtype)
+      self.k_norm = bx.RMSNorm(graph.child('k_norm'), epsilon=norm_eps, param_dtype=param_dtype, dtype=dtype)
+
+  def _proj(self, params: bx.Params, name: str, x: jax.Array, heads: int, head_dim: int,
+            axis: str) -> tuple[jax.Array, bx.Params]:
+    """`x: [B, T, D]` -> `[B, T, heads, head_dim]` in the compute dtype."""
+    kernel, params = self.get_param(
+        params, name, (x.shape[-1], heads, head_dim), _normal(self.init_std), dtype=self.param_dtype,
+        metadata={'sharding': ('embed', axis, 'head_dim')}, rng=self.rng)
+    dtype = compute_dtype(self.dtype, x, kernel)
+    y = jnp.einsum('btd,dnh->btnh', cast(x, dtype), cast(kernel, dtype))
+    if self.use_bias:
+      bias, params = self.get_param(
+          params, f'{name}_bias', (heads, head_dim), jax.nn.initializers.zeros, dtype=self.param_dtype,
+          metadata={'sharding': (axis, 'head_dim')}, rng=self.rng)
+      y = y + cast(bias, dtype)[None, None]
+    return y, params
+
+  def __call__(
+      self,
+      params: bx.Params,
+      x: jax.Array,
+      positions: jax.Array,
+      cache: Cache | None = None,
+      *,
+      mask: jax.Array | None = None,
+      cache_index: jax.Array | int = 0,
+  ) -> tuple[Any, bx.Params]:
+    d_model = x.shape[-1]
+    head_dim = self.head_dim or d_model // self.num_heads
+    q, params = self._proj(params, 'q', x, self.num_heads, head_dim, 'heads')       # [B, T, N, H]
+    k, params = self._proj(params, 'k', x, self.num_kv_heads, head_dim, 'kv_heads')  # [B, T, K, H]
+    v, params = self._proj(params, 'v', x, self.num_kv_heads, head_dim, 'kv_heads')  # [B, T, K, H]
+    dtype = q.dtype  # the compute dtype: `dtype`, or the promotion of x and the kernels
+    if self.q_norm is not None:
+      q, params = self.q_norm(params, q)
+      k, params = self.k_norm(params, k)
+      q, k = cast(q, dtype), cast(k, dtype)
+    if self.use_rope:
+      q = apply_rope(q, positions, self.rope_theta)
+      k = apply_rope(k, positions, self.rope_theta)
+    q = checkpoint_name(q, 'qkv')
+    k = checkpoint_name(k, 'qkv')
+    v = checkpoint_name(v, 'qkv')
+
+    if cache is None:
+      window = (self.sliding_window - 1, 0) if self.sliding_window > 0 else None
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window)
+      new_kv = None
+    else:
+      if mask is None:
+        raise ValueError(
+            f"Attention {'/'.join(self.graph.path)}: decoding with a cache needs mask= "
+            '(bool[batch, 1, T, S], see blox_scale.nn.attention_mask).')
+      # Write the new keys/values into this layer's copy of the cache and attend
+      # over all S slots; the mask hides empty, padded and future slots.
+      start = (0, cache_index, 0, 0)
+      keys = jax.lax.dynamic_update_slice(cache['k'], cast(k, cache['k'].dtype), start)
+      values = jax.lax.dynamic_update_slice(cache['v'], cast(v, cache['v'].dtype), start)
+      out = jax.nn.dot_product_attention(q, cast(keys, dtype), cast(values, dtype), mask=mask)
+      new_kv = {'k': cast(k, cache['k'].dtype), 'v': cast(v, cache['v'].dtype)}
+
+    o_kernel, params = self.get_param(
+        params, 'o', (self.num_heads, head_dim, d_model), _normal(self.out_init_std), dtype=self.param_dtype,
+        metadata={'sharding': ('heads', 'head_dim', 'embed')}, rng=self.rng)
+    y = jnp.einsum('btnh,nhd->btd', out, cast(o_kernel, dtype))
+    if self.use_bias:
+      o_bias, params = self.get_param(
+          params, 'o_bias', (d_model,), jax.nn.initializers.zeros, dtype=self.param_dtype,
+          metadata={'sharding': ('embed',)}, rng=self.rng)
+      y = y + cast(o_bias, dtype)[None, None]
+    y = checkpoint_name(y, 'attn_out')
+    if cache is None:
+      return y, params
+    return (y, new_kv), params

@@ -1,0 +1,127 @@
+"""The pre-norm transformer block (GPT-2, Llama): the unit a `Stack` scans.
+
+    h = x + dropout(attn(norm_1(x)))
+    y = h + dropout(mlp(norm_2(h)))
+
+Pre-norm keeps the residual stream an identity path from the embedding to the
+final norm, which is what lets deep stacks train without warmup tricks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import blox as bx
+from blox.layers._common import DType
+from blox_scale.nn.attention import Attention, Cache
+from blox_scale.nn.mlp import MLP
+from blox_scale.sharding import constrain
+
+NORMS = ('rmsnorm', 'layernorm')
+
+
+def make_norm(graph: bx.Graph, kind: str, eps: float, param_dtype: DType, dtype: DType | None) -> bx.Module:
+  """RMSNorm (scale only) or LayerNorm (scale and bias); params axes ('norm',)."""
+  if kind == 'rmsnorm':
+    return bx.RMSNorm(graph, epsilon=eps, param_dtype=param_dtype, dtype=dtype)
+  if kind == 'layernorm':
+    return bx.LayerNorm(graph, epsilon=eps, param_dtype=param_dtype, dtype=dtype)
+  raise ValueError(f"norm={kind!r} is not one of {NORMS} (at {'/'.join(graph.path)}).")
+
+
+class TransformerBlock(bx.Module):
+  """Attention + MLP with pre-norm residuals.
+
+  Call forms (the two a `bs.Stack` uses):
+    `y, params = block(params, x, positions=p, is_training=False)`
+    `(y, new_kv), params = block(params, x, cache, positions=p, mask=m, cache_index=i)`
+  `x: [batch, T, d_model]` -> `y` of the same shape and dtype (the scan carry);
+  `positions: int[batch, T]`; cache and mask as in `Attention`.
+  Children: norm_1, attn, norm_2, mlp (and dropout with `dropout_rate > 0`).
+  """
+
+  def __init__(
+      self,
+      graph: bx.Graph,
+      *,
+      d_model: int,
+      num_heads: int,
+      mlp_dim: int,
+      rng: bx.Rng | None,
+      num_kv_heads: int = 0,
+      head_dim: int = 0,
+      mlp_activation: str = 'swiglu',
+      norm: str = 'rmsnorm',
+      norm_eps: float = 1e-5,
+      qk_norm: bool = False,
+      use_rope: bool = True,
+      rope_theta: float = 10000.0,
+      sliding_window: int = 0,
+      use_bias: bool = False,
+      dropout_rate: float = 0.0,
+      init_std: float = 0.02,
+      out_init_std: float | None = None,
+      param_dtype: DType = jnp.float32,
+      dtype: DType | None = None,
+  ) -> None:
+    super().__init__(graph)
+    self.d_model = d_model
+    self.norm_1 = make_norm(graph.child('norm_1'), norm, norm_eps, param_dtype, dtype)
+    self.attn = Attention(
+        graph.child('attn'), num_heads, rng, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        use_bias=use_bias, qk_norm=qk_norm, norm_eps=norm_eps, use_rope=use_rope,
+        rope_theta=rope_theta, sliding_window=sliding_window, init_std=init_std,
+        out_init_std=out_init_std, param_dtype=param_dtype, dtype=dtype)
+    self.norm_2 = make_norm(graph.child('norm_2'), norm, norm_eps, param_dtype, dtype)
+    self.mlp = MLP(
+        graph.child('mlp'), mlp_dim, d_model, rng, activation=mlp_activation, use_bias=use_bias,
+        init_std=init_std, out_init_std=out_init_std, param_dtype=param_dtype, dtype=dtype)
+    self.dropout = None
+    if dropout_rate > 0.0:
+      if rng is None:
+        raise ValueError(f"TransformerBlock {'/'.join(graph.path)}: dropout_rate={dropout_rate} needs rng=bx.Rng.")
+      self.dropout = bx.Dropout(graph.child('dropout'), dropout_rate, rng)
+
+  def _drop(self, params: bx.Params, x: jax.Array, is_training: bool) -> tuple[jax.Array, bx.Params]:
+    if self.dropout is None:
+      return x, params
+    return self.dropout(params, x, is_training=is_training)
+
+  def __call__(
+      self,
+      params: bx.Params,
+      x: jax.Array,
+      cache: Cache | None = None,
+      *,
+      positions: jax.Array | None = None,
+      mask: jax.Array | None = None,
+      cache_index: jax.Array | int = 0,
+      is_training: bool = False,
+  ) -> tuple[Any, bx.Params]:
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(
+          f"TransformerBlock {'/'.join(self.graph.path)}: expected x: [batch, seq, {self.d_model}], got {x.shape}.")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape[:2])
+    x = constrain(x, ('batch', 'seq', 'embed'))
+
+    h, params = self.norm_1(params, x)
+    if cache is None:
+      a, params = self.attn(params, h, positions, mask=mask)
+      new_kv = None
+    else:
+      (a, new_kv), params = self.attn(params, h, positions, cache, mask=mask, cache_index=cache_index)
+    a, params = self._drop(params, a, is_training)
+    # The residual stream keeps x's dtype: it is the scan carry.
+    x = (x + a).astype(x.dtype)
+
+    h, params = self.norm_2(params, x)
+    m, params = self.mlp(params, h)
+    m, params = self._drop(params, m, is_training)
+    x = constrain((x + m).astype(x.dtype), ('batch', 'seq', 'embed'))
+    if cache is None:
+      return x, params
+    return (x, new_kv), params

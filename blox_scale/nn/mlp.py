@@ -1,0 +1,75 @@
+"""Transformer MLPs: GELU (GPT-2) and SwiGLU (Llama, PaLM).
+
+Params (logical axes):
+  gelu:   wi [embed, mlp] ('embed', 'mlp'), wo [mlp, embed] ('mlp', 'embed')
+  swiglu: wi_gate, wi_up [embed, mlp] ('embed', 'mlp'), wo [mlp, embed]
+  with `use_bias`: wi*_bias [mlp] ('mlp',), wo_bias [embed] ('embed',).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+import blox as bx
+from blox.layers._common import DType
+
+ACTIVATIONS = ('gelu', 'swiglu')
+
+
+class MLP(bx.Module):
+  """`x: [..., embed]` -> `[..., output_size]` (usually output_size = embed).
+
+  gelu:   `wo(gelu(wi x))` (tanh approximation, as GPT-2).
+  swiglu: `wo(silu(wi_gate x) * wi_up x)` (Shazeer 2020, "GLU Variants").
+  The hidden activation is tagged 'mlp_hidden' and the output 'mlp_out' for
+  `remat='save_names'`.
+  """
+
+  def __init__(
+      self,
+      graph: bx.Graph,
+      hidden_size: int,
+      output_size: int,
+      rng: bx.Rng | None,
+      *,
+      activation: str = 'swiglu',
+      use_bias: bool = False,
+      init_std: float = 0.02,
+      out_init_std: float | None = None,
+      param_dtype: DType = jnp.float32,
+      dtype: DType | None = None,
+  ) -> None:
+    super().__init__(graph)
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"MLP {'/'.join(graph.path)}: activation={activation!r} is not one of {ACTIVATIONS}.")
+    self.hidden_size = hidden_size
+    self.activation = activation
+    out_std = init_std if out_init_std is None else out_init_std
+
+    def linear(name: str, size: int, axes: tuple[str, str], std: float) -> bx.Linear:
+      return bx.Linear(
+          graph.child(name), size, rng, use_bias=use_bias,
+          kernel_init=jax.nn.initializers.normal(stddev=std),
+          kernel_metadata={'sharding': axes}, bias_metadata={'sharding': axes[1:]},
+          param_dtype=param_dtype, dtype=dtype)
+
+    if activation == 'swiglu':
+      self.wi_gate = linear('wi_gate', hidden_size, ('embed', 'mlp'), init_std)
+      self.wi_up = linear('wi_up', hidden_size, ('embed', 'mlp'), init_std)
+    else:
+      self.wi = linear('wi', hidden_size, ('embed', 'mlp'), init_std)
+    self.wo = linear('wo', output_size, ('mlp', 'embed'), out_std)
+
+  def __call__(self, params: bx.Params, x: jax.Array) -> tuple[jax.Array, bx.Params]:
+    if self.activation == 'swiglu':
+      gate, params = self.wi_gate(params, x)
+      up, params = self.wi_up(params, x)
+      h = jax.nn.silu(gate) * up
+    else:
+      h, params = self.wi(params, x)
+      h = jax.nn.gelu(h, approximate=True)
+    h = checkpoint_name(h, 'mlp_hidden')
+    y, params = self.wo(params, h)
+    return checkpoint_name(y, 'mlp_out'), params
