@@ -1,0 +1,288 @@
+"""Data: a token stream, packed into windows, shuffled and batched with grain.
+
+    corpus (1-d token stream: stdlib source | text files | token file | ArrayRecord)
+      -> PackedWindows: window i = tokens[i*T : i*T + T + 1]      (T = seq_len)
+         -> {'inputs': int32[T], 'targets': int32[T], 'mask': float32[T]}
+      -> train: grain MapDataset .shuffle(seed) .repeat() .batch(local_batch)
+                [process_index::process_count]  -> this process's slice
+      -> eval:  the last `eval_fraction` of the windows, in order
+
+Every step is a pure function of its index: batch `i` of process `p` is
+element `i * P + p` of the batched, shuffled stream. The iterator's state is
+therefore a single integer (`{'next_index': n}` from grain's
+`DatasetIterator.get_state()`), saved with every checkpoint so that a resumed
+run continues with exactly the batch it would have seen. Global batch `i` is
+the same set of windows whatever the process count: process `p` holds rows
+`[p * B/P, (p + 1) * B/P)` of it.
+
+The default corpus is this Python's own standard library source, read from
+the running interpreter: it exists on every machine with no download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from blox_scale.config import DataConfig
+from blox_scale.tokenizer import ByteTokenizer, get_tokenizer
+
+Batch = dict[str, np.ndarray]
+
+# Between documents of a concatenated corpus: a blank line reads naturally in
+# samples of a byte-level model and needs no special token.
+DOCUMENT_SEPARATOR = b'\n\n'
+
+
+# -----------------------------------------------------------------------------
+# Corpora: each returns one 1-d token stream
+# -----------------------------------------------------------------------------
+
+
+def stdlib_files() -> list[Path]:
+  """The standard library's `*.py` files, sorted by relative path (deterministic).
+
+  Third-party packages installed inside the stdlib directory (site-packages,
+  dist-packages) and the generated build settings (`_sysconfigdata*`) are
+  excluded: they differ between machines.
+  """
+  root = Path(sysconfig.get_paths()['stdlib'])
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in ('site-packages', 'dist-packages', '__pycache__'))
+    files.extend(Path(dirpath) / f for f in filenames if f.endswith('.py') and not f.startswith('_sysconfigdata'))
+  return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_corpus(max_bytes: int) -> bytes:
+  """The concatenated stdlib source, at most `max_bytes` long (whole files first)."""
+  parts, total = [], 0
+  for path in stdlib_files():
+    try:
+      raw = path.read_bytes()
+    except OSError:
+      continue  # unreadable file (permissions): skip, the rest is deterministic
+    raw += DOCUMENT_SEPARATOR
+    if total + len(raw) > max_bytes:
+      parts.append(raw[:max_bytes - total])
+      total = max_bytes
+      break
+    parts.append(raw)
+    total += len(raw)
+  if total == 0:
+    raise FileNotFoundError(f"No Python source found under {sysconfig.get_paths()['stdlib']} for data.source='stdlib'. "
+                            "Use data.source='text' data.path=YOUR_FILES instead.")
+  return b''.join(parts)
+
+
+def _expand(pattern: str, key: str) -> list[str]:
+  if not pattern:
+    raise ValueError(f'{key} is empty; set data.path=FILE_OR_GLOB.')
+  paths = sorted(glob.glob(os.path.expanduser(pattern)))
+  if not paths:
+    raise FileNotFoundError(f'data.path={pattern!r} matches no file.')
+  return paths
+
+
+def load_tokens(cfg: DataConfig, tokenizer: ByteTokenizer | None = None) -> np.ndarray:
+  """The whole corpus as one 1-d array of token ids (uint8/16/32; memory-mapped for 'tokens').
+
+  - 'stdlib': the standard library source (capped at `data.max_bytes`).
+  - 'text': UTF-8 files matching `data.path`, sorted, joined by a blank line.
+  - 'tokens': a raw binary file of `data.token_dtype` ids (numpy `tofile`),
+    memory-mapped, so corpora larger than RAM work.
+  - 'array_record': ArrayRecord files of UTF-8 documents (one record each),
+    tokenized and concatenated in memory.
+  """
+  tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
+  if cfg.source == 'stdlib':
+    return tokenizer.encode_array(stdlib_corpus(cfg.max_bytes))
+  if cfg.source == 'text':
+    docs = [Path(p).read_bytes() for p in _expand(cfg.path, 'data.path')]
+    return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
+  if cfg.source == 'tokens':
+    if cfg.token_dtype not in ('uint16', 'uint32'):
+      raise ValueError(f"data.token_dtype={cfg.token_dtype!r} must be 'uint16' or 'uint32'.")
+    paths = _expand(cfg.path, 'data.path')
+    if len(paths) != 1:
+      raise ValueError(f"data.source='tokens' reads one file; data.path={cfg.path!r} matches {len(paths)}. Concatenate them first.")
+    return np.memmap(paths[0], dtype=np.dtype(cfg.token_dtype), mode='r')
+  if cfg.source == 'array_record':
+    source = grain.sources.ArrayRecordDataSource(_expand(cfg.path, 'data.path'))
+    docs = [bytes(source[i]) for i in range(len(source))]
+    return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
+  raise ValueError(f"data.source={cfg.source!r} is not one of 'stdlib', 'text', 'tokens', 'array_record'.")
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+  """Entropy in nats of the token frequencies: the loss of the best model with no context."""
+  counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+# -----------------------------------------------------------------------------
+# Packing: the stream as seq_len+1 windows
+# -----------------------------------------------------------------------------
+
+
+class PackedWindows:
+  """Random-access windows of a token stream (a grain data source).
+
+  Window `i` (of this split) holds tokens `[s, s + seq_len + 1)` with
+  `s = (start + i) * seq_len`: consecutive windows share one token, so every
+  token of the stream is a target exactly once. The last window of the
+  stream may be short: it is padded with 0 and its mask is 0 there.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int, start: int = 0, stop: int | None = None):
+    self.tokens = tokens
+    self.seq_len = seq_len
+    self.vocab_size = vocab_size
+    total = num_windows(len(tokens), seq_len)
+    self.start = start
+    self.stop = total if stop is None else stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int) -> Batch:
+    """-> {'inputs': int32[T], 'targets': int32[T], 'mask': float32[T]}."""
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f'window {index} out of range [0, {len(self)}).')
+    begin = (self.start + index) * self.seq_len
+    chunk = np.asarray(self.tokens[begin:begin + self.seq_len + 1], dtype=np.int32)
+    if chunk.size and int(chunk.max()) >= self.vocab_size:
+      raise ValueError(f'Token id {int(chunk.max())} at stream offset ~{begin} is >= model.vocab_size={self.vocab_size}. '
+                       'Check data.token_dtype and model.vocab_size.')
+    valid = chunk.size - 1
+    window = np.zeros(self.seq_len + 1, np.int32)
+    window[:chunk.size] = chunk
+    mask = np.zeros(self.seq_len, np.float32)
+    mask[:valid] = 1.0
+    return {'inputs': window[:-1], 'targets': window[1:], 'mask': mask}
+
+
+def num_windows(num_tokens: int, seq_len: int) -> int:
+  """Windows covering every target of a stream of `num_tokens` (the last may be short)."""
+  return max(0, -(-(num_tokens - 1) // seq_len))
+
+
+# -----------------------------------------------------------------------------
+# Pipelines
+# -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+  """What the trainer needs from the data section.
+
+  `train`: an endless grain iterator of this process's batches
+  (`{'inputs': int32[B/P, T], 'targets': int32[B/P, T], 'mask': float32[B/P, T]}`)
+  with `get_state()`/`set_state()`; `eval_batches()`: the same held-out
+  batches every time; `unigram_entropy`: nats, of the training split.
+  """
+  train: grain.DatasetIterator
+  eval_dataset: grain.MapDataset | None
+  eval_batch_count: int
+  num_train_windows: int
+  num_eval_windows: int
+  num_tokens: int
+  unigram_entropy: float
+  local_batch_size: int
+
+  def eval_batches(self) -> Iterator[Batch]:
+    if self.eval_dataset is None:
+      return iter(())
+    return (self.eval_dataset[i] for i in range(self.eval_batch_count))
+
+
+def _stack(items: list[Batch]) -> Batch:
+  return {k: np.stack([x[k] for x in items]) for k in items[0]}
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f'data.batch_size={batch_size} must be divisible by the number of processes ({process_count}): '
+                     'each process feeds an equal slice of the global batch.')
+  return batch_size // process_count
+
+
+def train_dataset(windows: PackedWindows, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Endless, shuffled batches for one process: element `i` is its slice of global batch `i`.
+
+  `.shuffle(seed).repeat()` reshuffles each epoch with seed + epoch (grain);
+  batching the global stream in local-sized chunks and taking every P-th
+  chunk from offset p hands process p rows [p*B/P, (p+1)*B/P) of each
+  global batch.
+  """
+  local = local_batch_size(batch_size, process_count)
+  if len(windows) == 0:
+    raise ValueError('The training split is empty: the corpus is shorter than one window. '
+                     'Use a larger corpus, a smaller data.seq_len or a smaller data.eval_fraction.')
+  ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
+  ds = ds.batch(local, drop_remainder=True, batch_fn=_stack)
+  return ds[process_index::process_count]
+
+
+def eval_dataset(windows: PackedWindows, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+  """Held-out batches in a fixed order (wrapping around when there are few windows)."""
+  local = local_batch_size(batch_size, process_count)
+  ds = grain.MapDataset.source(windows).repeat().batch(local, drop_remainder=True, batch_fn=_stack)
+  return ds[process_index::process_count]
+
+
+def make_iterator(ds: grain.MapDataset, state: dict[str, Any] | None = None,
+                  *, worker_count: int = 0, prefetch: int = 4) -> grain.DatasetIterator:
+  """A grain iterator reading ahead in background threads (off the step's critical path).
+
+  `state` (from `iterator.get_state()`, saved in each checkpoint) resumes at
+  the exact next batch.
+  """
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  iterator = iter(it_ds)
+  if state is not None:
+    iterator.set_state(state)
+  return iterator
+
+
+def build_data(cfg: DataConfig, vocab_size: int, *, process_index: int = 0, process_count: int = 1,
+               eval_batches: int = 4, state: dict[str, Any] | None = None,
+               tokens: np.ndarray | None = None) -> Data:
+  """Corpus -> train iterator (resumed at `state`) and eval batches for this process."""
+  if tokens is None:
+    tokens = load_tokens(cfg)
+  total = num_windows(len(tokens), cfg.seq_len)
+  if not 0.0 <= cfg.eval_fraction < 1.0:
+    raise ValueError(f'data.eval_fraction={cfg.eval_fraction} must be in [0, 1).')
+  n_eval = 0 if cfg.eval_fraction == 0 else max(1, int(round(total * cfg.eval_fraction)))
+  n_train = total - n_eval
+  train_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, 0, n_train)
+  eval_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, n_train, total)
+  train = train_dataset(train_windows, cfg.batch_size, cfg.shuffle_seed, process_index, process_count)
+  evals = eval_dataset(eval_windows, cfg.batch_size, process_index, process_count) if n_eval else None
+  # Entropy of the training split only (what the model sees): the bar its loss must beat.
+  entropy = unigram_entropy(tokens[:min(len(tokens), n_train * cfg.seq_len + 1)], vocab_size)
+  return Data(
+      train=make_iterator(train, state, worker_count=cfg.worker_count),
+      eval_dataset=evals,
+      eval_batch_count=eval_batches,
+      num_train_windows=n_train,
+      num_eval_windows=n_eval,
+      num_tokens=len(tokens),
+      unigram_entropy=entropy,
+      local_batch_size=local_batch_size(cfg.batch_size, process_count),
+  )
