@@ -149,6 +149,9 @@ class DistributedConfig:
   process_id: int = field(-1, 'This process (-1 = from the environment).')
   local_device_count: int = field(0, 'Fake CPU devices per process for local tests (0 = leave XLA alone).')
   initialization_timeout: int = field(120, 'Seconds to wait for all processes to join.')
+  heartbeat_timeout: int = field(30, 'Seconds without a heartbeat after which a process counts as dead and every other process exits with an error.')
+  shutdown_timeout: int = field(30, 'Seconds a finishing process waits for the others at shutdown.')
+  cluster_detection: str = field('auto', "'auto' (SLURM / Open MPI / Cloud TPU from the environment), 'off' (single process unless coordinator_address is set), or a JAX method name (e.g. mpi4py).")
 
 
 @dataclasses.dataclass(frozen=True)

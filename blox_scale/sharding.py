@@ -10,12 +10,17 @@ model runs unsharded on one device with no code change.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import blox as bx
 
 Rules = Mapping[str, Any]
 
@@ -68,3 +73,217 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if len(axes) != x.ndim:
     raise ValueError(f'constrain: {len(axes)} logical axes {tuple(axes)} for an array of shape {x.shape}.')
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+# -----------------------------------------------------------------------------
+# Meshes
+# -----------------------------------------------------------------------------
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
+  """`(data, fsdp, tensor)` sizes for `num_devices`; one size may be -1 (fills).
+
+  Raises a ValueError naming the `mesh.*` keys when the sizes cannot multiply
+  to the device count.
+  """
+  sizes = {name: int(getattr(mesh_cfg, name)) for name in MESH_AXES}
+  given = ', '.join(f'mesh.{k}={v}' for k, v in sizes.items())
+  fill = [k for k, v in sizes.items() if v == -1]
+  bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+  if bad or len(fill) > 1:
+    raise ValueError(f'Invalid mesh sizes ({given}): each must be >= 1, and at most one may be -1 (fills the rest).')
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(
+          f'Cannot fill mesh.{fill[0]}: {num_devices} devices are not divisible by the other axes '
+          f'({given}, product {known}). Pick sizes whose product divides {num_devices}.')
+    sizes[fill[0]] = num_devices // known
+  elif known != num_devices:
+    raise ValueError(
+        f'Mesh sizes ({given}) multiply to {known}, but there are {num_devices} devices. '
+        f'Make data*fsdp*tensor = {num_devices}, or set one of them to -1 to fill.')
+  return tuple(sizes[k] for k in MESH_AXES)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `Mesh` with axes ('data', 'fsdp', 'tensor') over `devices` (default: all).
+
+  Axes are `AxisType.Auto`: the compiler propagates shardings from the
+  params, the batch and `constrain` calls (GSPMD), so model code never names
+  mesh axes. `jax.make_mesh` orders devices so that the innermost axis
+  ('tensor') stays within a host / a fast interconnect domain.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # make_mesh refuses some subsets of devices (e.g. a 1-device mesh out of
+    # 8 for a test); a plain reshape is then the natural order.
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def rules_from_config(mesh_cfg: Any) -> dict[str, Any]:
+  """`mesh.rules` with YAML lists turned into tuples (the form PartitionSpec wants)."""
+  rules = getattr(mesh_cfg, 'rules', mesh_cfg)
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in rules.items()}
+
+
+def _check_rules(mesh: Mesh, rules: Rules) -> None:
+  for name, target in rules.items():
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for t in targets:
+      if t not in mesh.shape:
+        raise ValueError(
+            f"mesh.rules['{name}'] maps to mesh axis {t!r}, which is not in the mesh "
+            f'(axes: {", ".join(mesh.axis_names)}). Use one of them or null.')
+
+
+# -----------------------------------------------------------------------------
+# Param and optimizer-state shardings
+# -----------------------------------------------------------------------------
+
+
+def _path_str(key_path: tuple[Any, ...]) -> str:
+  """Readable path for a leaf of Params (`lm/stack/block/mlp/kernel`)."""
+  parts = []
+  for k in key_path:
+    key = getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
+    if key == '_data':
+      continue
+    parts.append('/'.join(map(str, key)) if isinstance(key, tuple) else str(key))
+  return '/'.join(parts) or '<root>'
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def spec_for(path: str, shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Rules) -> PartitionSpec:
+  """The PartitionSpec of one param, checking rank and divisibility.
+
+  `axes` are the logical names from `Param.metadata['sharding']`; `()` means
+  the param has none and is replicated.
+  """
+  if not axes:
+    return PartitionSpec()
+  if len(axes) != len(shape):
+    raise ValueError(
+        f'Param {path}: {len(axes)} logical axes {tuple(axes)} for shape {tuple(shape)}. '
+        "Give one name (or None) per dimension in metadata['sharding'].")
+  spec = logical_to_spec(axes, rules)
+  for dim, (size, name, entry) in enumerate(zip(shape, axes, spec)):
+    n = _axis_size(mesh, entry)
+    if size % n:
+      raise ValueError(
+          f"Param {path}: dimension {dim} ('{name}', size {size}) is not divisible by mesh axis "
+          f'{entry!r} of size {n}. Change the mesh (mesh.{entry if isinstance(entry, str) else "..."}) '
+          f"so that it divides {size}, or map '{name}' elsewhere in mesh.rules (e.g. {name}=null).")
+  return spec
+
+
+def _is_param(x: Any) -> bool:
+  return isinstance(x, bx.Param)
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Rules) -> Any:
+  """A pytree like `abstract_params` with a `NamedSharding` in every Param.
+
+  `abstract_params` is `Params` (or any pytree holding `Param`s), usually from
+  `jax.eval_shape(model.init, seed)`. The result has the same structure (each
+  `Param` keeps its metadata, its value is the sharding), so it can be given
+  to `jax.jit(out_shardings=...)` directly. Raises a ValueError naming the
+  param path, dimension and mesh axis when a size does not divide.
+  """
+  _check_rules(mesh, rules)
+
+  def one(key_path: tuple, leaf: Any) -> Any:
+    if _is_param(leaf):
+      spec = spec_for(_path_str(key_path), np.shape(leaf.value), leaf.sharding, mesh, rules)
+      return leaf.replace(value=NamedSharding(mesh, spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree_util.tree_map_with_path(one, abstract_params, is_leaf=_is_param)
+
+
+def state_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """Shardings for optimizer state (or any pytree that holds Params).
+
+  optax states mirror the params pytree: `mu`/`nu` of Adam are `Params` whose
+  `Param`s keep the metadata of the param they belong to, so they get exactly
+  the param's sharding. Anything else (step counts, scalars, factored
+  statistics whose rank differs from the param's) is replicated: small by
+  construction, and always valid.
+  """
+  _check_rules(mesh, rules)
+
+  def one(key_path: tuple, leaf: Any) -> Any:
+    if _is_param(leaf):
+      shape = np.shape(leaf.value)
+      axes = leaf.sharding
+      if axes and len(axes) == len(shape):
+        spec = spec_for(_path_str(key_path), shape, axes, mesh, rules)
+      else:
+        spec = PartitionSpec()
+      return leaf.replace(value=NamedSharding(mesh, spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree_util.tree_map_with_path(one, abstract_tree, is_leaf=_is_param)
+
+
+# -----------------------------------------------------------------------------
+# Batches
+# -----------------------------------------------------------------------------
+
+BATCH_AXES = ('batch',)
+
+
+def batch_spec(ndim: int, rules: Rules) -> PartitionSpec:
+  """Input batches are split along their leading (batch) dim only.
+
+  The sequence dim of *inputs* stays whole even when 'seq' is sharded:
+  sequence sharding applies to activations, via `constrain` inside the model,
+  so every process still loads whole sequences.
+  """
+  return logical_to_spec(BATCH_AXES + (None,) * (ndim - 1), rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+  """`NamedSharding` of one `[batch, ...]` input array of rank `ndim`."""
+  return NamedSharding(mesh, batch_spec(ndim, rules))
+
+
+def batch_shardings(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+  """A `NamedSharding` per leaf of a batch pytree (arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: batch_sharding(mesh, rules, np.ndim(x) if not hasattr(x, 'ndim') else x.ndim), batch)
+
+
+def num_batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch dim is split (the global batch must divide this)."""
+  return _axis_size(mesh, batch_spec(1, rules)[0])
+
+
+def shard_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds for `tree` (arrays or ShapeDtypeStructs) under `shardings`.
+
+  The largest per-device total: with uneven placements (a replicated scalar
+  next to sharded matrices) all devices hold the same here, since every
+  sharding is even by construction (divisibility is checked).
+  """
+  total = 0
+  leaves = jax.tree.leaves(tree)
+  sh = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  if len(leaves) != len(sh):
+    raise ValueError(f'shard_bytes: {len(leaves)} leaves but {len(sh)} shardings.')
+  for x, s in zip(leaves, sh):
+    shape = s.shard_shape(tuple(x.shape))
+    itemsize = jnp.dtype(x.dtype).itemsize if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else 8
+    total += math.prod(shape) * itemsize
+  return total
