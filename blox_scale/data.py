@@ -3,17 +3,16 @@
     corpus (1-d token stream: stdlib source | text files | token file | ArrayRecord)
       -> PackedWindows: window i = tokens[i*T : i*T + T + 1]      (T = seq_len)
          -> {'inputs': int32[T], 'targets': int32[T], 'mask': float32[T]}
-      -> train: grain MapDataset .shuffle(seed) .repeat() .batch(local_batch)
-                [process_index::process_count]  -> this process's slice
+      -> train: grain MapDataset .shuffle(seed) .repeat() .batch(rows per process)
+                [first::chunks_per_batch]  -> this process's rows of each global batch
       -> eval:  the last `eval_fraction` of the windows, in order
 
-Every step is a pure function of its index: batch `i` of process `p` is
-element `i * P + p` of the batched, shuffled stream. The iterator's state is
-therefore a single integer (`{'next_index': n}` from grain's
-`DatasetIterator.get_state()`), saved with every checkpoint so that a resumed
-run continues with exactly the batch it would have seen. Global batch `i` is
-the same set of windows whatever the process count: process `p` holds rows
-`[p * B/P, (p + 1) * B/P)` of it.
+Every batch is a pure function of its index: global batch `i` is windows
+`[i*B, (i+1)*B)` of the shuffled stream, whatever the process count, and a
+process reads only its rows of it. The iterator's state is therefore a
+single integer (`{'next_index': n}` from grain's `DatasetIterator.get_state()`),
+saved with every checkpoint so that a resumed run continues with exactly the
+batch it would have seen.
 
 The default corpus is this Python's own standard library source, read from
 the running interpreter: it exists on every machine with no download.
@@ -210,37 +209,40 @@ def _stack(items: list[Batch]) -> Batch:
   return {k: np.stack([x[k] for x in items]) for k in items[0]}
 
 
-def local_batch_size(batch_size: int, process_count: int) -> int:
-  if batch_size % process_count:
-    raise ValueError(f'data.batch_size={batch_size} must be divisible by the number of processes ({process_count}): '
-                     'each process feeds an equal slice of the global batch.')
-  return batch_size // process_count
+def _row_chunks(batch_size: int, rows: slice | None) -> tuple[int, int, int]:
+  """`rows` of each global batch -> (chunk size, first chunk, chunks per global batch)."""
+  start, stop = (0, batch_size) if rows is None else (rows.start or 0, rows.stop)
+  size = stop - start
+  if size < 1 or start < 0 or stop > batch_size or start % size or batch_size % size:
+    raise ValueError(f'Process rows [{start}, {stop}) are not an aligned slice of data.batch_size={batch_size}: '
+                     'the batch must split evenly over the processes (make data.batch_size divisible by the '
+                     'number of batch shards).')
+  return size, start // size, batch_size // size
 
 
-def train_dataset(windows: PackedWindows, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Endless, shuffled batches for one process: element `i` is its slice of global batch `i`.
+def train_dataset(windows: PackedWindows, batch_size: int, seed: int, rows: slice | None = None) -> grain.MapDataset:
+  """Endless shuffled batches of this process's `rows` of global batch `i` (element `i`).
 
-  `.shuffle(seed).repeat()` reshuffles each epoch with seed + epoch (grain);
-  batching the global stream in local-sized chunks and taking every P-th
-  chunk from offset p hands process p rows [p*B/P, (p+1)*B/P) of each
-  global batch.
+  `.shuffle(seed).repeat()` reshuffles each epoch with seed + epoch (grain).
+  Global batch `i` is windows `[i*B, (i+1)*B)` of the shuffled stream;
+  batching the stream in chunks of `stop - start` rows and taking every
+  `B / (stop - start)`-th chunk from `start / (stop - start)` gives exactly
+  rows `[start, stop)` of each global batch without reading the others.
   """
-  local = local_batch_size(batch_size, process_count)
+  size, first, per_batch = _row_chunks(batch_size, rows)
   if len(windows) == 0:
     raise ValueError('The training split is empty: the corpus is shorter than one window. '
                      'Use a larger corpus, a smaller data.seq_len or a smaller data.eval_fraction.')
   ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
-  ds = ds.batch(local, drop_remainder=True, batch_fn=_stack)
-  return ds[process_index::process_count]
+  ds = ds.batch(size, drop_remainder=True, batch_fn=_stack)
+  return ds[first::per_batch]
 
 
-def eval_dataset(windows: PackedWindows, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
+def eval_dataset(windows: PackedWindows, batch_size: int, rows: slice | None = None) -> grain.MapDataset:
   """Held-out batches in a fixed order (wrapping around when there are few windows)."""
-  local = local_batch_size(batch_size, process_count)
-  ds = grain.MapDataset.source(windows).repeat().batch(local, drop_remainder=True, batch_fn=_stack)
-  return ds[process_index::process_count]
+  size, first, per_batch = _row_chunks(batch_size, rows)
+  ds = grain.MapDataset.source(windows).repeat().batch(size, drop_remainder=True, batch_fn=_stack)
+  return ds[first::per_batch]
 
 
 def make_iterator(ds: grain.MapDataset, state: dict[str, Any] | None = None,
@@ -259,10 +261,13 @@ def make_iterator(ds: grain.MapDataset, state: dict[str, Any] | None = None,
   return iterator
 
 
-def build_data(cfg: DataConfig, vocab_size: int, *, process_index: int = 0, process_count: int = 1,
-               eval_batches: int = 4, state: dict[str, Any] | None = None,
-               tokens: np.ndarray | None = None) -> Data:
-  """Corpus -> train iterator (resumed at `state`) and eval batches for this process."""
+def build_data(cfg: DataConfig, vocab_size: int, *, rows: slice | None = None, eval_batches: int = 4,
+               state: dict[str, Any] | None = None, tokens: np.ndarray | None = None) -> Data:
+  """Corpus -> train iterator (resumed at `state`) and eval batches.
+
+  rows: the rows of each global batch this process loads
+    (`distributed.process_batch_slice`; None = all, a single process).
+  """
   if tokens is None:
     tokens = load_tokens(cfg)
   total = num_windows(len(tokens), cfg.seq_len)
@@ -272,8 +277,8 @@ def build_data(cfg: DataConfig, vocab_size: int, *, process_index: int = 0, proc
   n_train = total - n_eval
   train_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, 0, n_train)
   eval_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, n_train, total)
-  train = train_dataset(train_windows, cfg.batch_size, cfg.shuffle_seed, process_index, process_count)
-  evals = eval_dataset(eval_windows, cfg.batch_size, process_index, process_count) if n_eval else None
+  train = train_dataset(train_windows, cfg.batch_size, cfg.shuffle_seed, rows)
+  evals = eval_dataset(eval_windows, cfg.batch_size, rows) if n_eval else None
   # Entropy of the training split only (what the model sees): the bar its loss must beat.
   entropy = unigram_entropy(tokens[:min(len(tokens), n_train * cfg.seq_len + 1)], vocab_size)
   return Data(
@@ -284,5 +289,5 @@ def build_data(cfg: DataConfig, vocab_size: int, *, process_index: int = 0, proc
       num_eval_windows=n_eval,
       num_tokens=len(tokens),
       unigram_entropy=entropy,
-      local_batch_size=local_batch_size(cfg.batch_size, process_count),
+      local_batch_size=_row_chunks(cfg.batch_size, rows)[0],
   )
