@@ -1,0 +1,182 @@
+"""blox-plan: per-device memory of a preset's train step, before buying the devices.
+
+  blox-plan --config configs/llama_7b.yaml --devices 64 --mesh data=1,fsdp=64,tensor=1 --hbm 80
+
+Compiles the real sharded train step (the one `make_train_step` returns) on N
+fake CPU devices with abstract inputs: `jax.ShapeDtypeStruct`s that carry
+their shardings, so nothing is allocated and no parameter is initialised.
+For every remat policy it prints, per device: params, optimizer state, the
+batch, XLA's temporaries (activations saved for the backward pass, gradients,
+workspace) and the peak (arguments + outputs - donated aliases + temporaries)
+from `compiled.memory_analysis()`.
+
+Caveat: the numbers come from XLA's CPU compiler. GPU and TPU compilers
+schedule and fuse differently (and the CPU backend may keep some bf16 math in
+f32), so read the temporaries as an estimate within tens of percent; params
+and optimizer state are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+  """Per-device bytes of one compiled train step."""
+  remat: str
+  params: int
+  opt_state: int
+  batch: int
+  temp: int
+  peak: int
+  compile_s: float
+  error: str = ''
+
+
+def _ensure_devices(n: int, argv: list[str]) -> None:
+  """Gives this process `n` fake CPU devices; re-execs if JAX already started."""
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  import jax
+  from jax._src import xla_bridge
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', n)
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+    os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
+    return
+  if jax.device_count() != n:
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+    os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
+    os.execv(sys.executable, [sys.executable, '-m', 'blox_scale.plan', *argv])
+
+
+def _optimizer(cfg: Any) -> Any:
+  """The trainer's optimizer when available (its state is what training holds)."""
+  try:
+    from blox_scale.optim import make_optimizer
+    optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+    return optimizer
+  except ImportError:
+    import optax
+    return optax.adamw(cfg.optimizer.learning_rate, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2,
+                       weight_decay=cfg.optimizer.weight_decay)
+
+
+def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = None,
+         seq_len: int | None = None, grad_accum_steps: int | None = None,
+         remat_names: tuple[str, ...] = ('attn_out', 'mlp_out')) -> list[PlanRow]:
+  """Compiles the train step of `cfg` on `mesh` once per remat policy.
+
+  Returns one PlanRow per policy (a policy that fails to compile, e.g.
+  host offload on a backend without host memory, gets `error` set).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  import blox as bx
+  from blox_scale import sharding
+  from blox_scale.models import DecoderLM
+  from blox_scale.step import abstract_train_state, make_train_step, train_state_shardings
+
+  rules = sharding.rules_from_config(cfg.mesh)
+  optimizer = _optimizer(cfg)
+  b = batch_size or cfg.data.batch_size
+  t = seq_len or cfg.data.seq_len
+  k = grad_accum_steps or cfg.optimizer.grad_accum_steps
+  shards = sharding.num_batch_shards(mesh, rules)
+  if b % (shards * k):
+    raise ValueError(f'data.batch_size={b} must be divisible by the batch shards ({shards}) x '
+                     f'grad_accum_steps ({k}); change the batch size or the mesh.')
+  batch_sh = sharding.batch_sharding(mesh, rules, 2)
+  batch = {
+      'inputs': jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_sh),
+      'targets': jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_sh),
+      'mask': jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=batch_sh),
+  }
+  rows = []
+  for remat in remats:
+    names = cfg.model.remat_names or remat_names
+    model_cfg = dataclasses.replace(cfg.model, remat=remat, remat_names=tuple(names))
+    model = DecoderLM(bx.Graph('lm'), model_cfg)
+    abstract = abstract_train_state(model, optimizer)
+    shardings = train_state_shardings(abstract, mesh, rules)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    params_b = sharding.shard_bytes(abstract.params, shardings.params)
+    opt_b = sharding.shard_bytes(abstract.opt_state, shardings.opt_state)
+    batch_b = sharding.shard_bytes(batch, {k_: batch_sh for k_ in batch})
+    start = time.perf_counter()
+    try:
+      step = make_train_step(model, optimizer, mesh, rules, grad_accum_steps=k)
+      mem = step.lower(state, batch).compile().memory_analysis()
+    except Exception as e:  # noqa: BLE001  (report the policy as unavailable, keep going)
+      rows.append(PlanRow(remat, params_b, opt_b, batch_b, 0, 0, time.perf_counter() - start,
+                          error=f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'))
+      continue
+    seconds = time.perf_counter() - start
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    rows.append(PlanRow(remat, params_b, opt_b, batch_b, mem.temp_size_in_bytes, peak, seconds))
+  return rows
+
+
+def format_rows(rows: list[PlanRow], hbm_gib: float = 0.0) -> str:
+  """A table; GiB for real presets, MiB when everything is under 1 GiB."""
+  peak = max([r.peak for r in rows] + [r.params + r.opt_state for r in rows])
+  unit, scale = ('GiB', GiB) if peak >= GiB else ('MiB', 1024 ** 2)
+  head = f'{"remat":<14}{"params":>10}{"opt state":>11}{"batch":>9}{"temp":>10}{"peak":>10}{"compile":>9}'
+  if hbm_gib:
+    head += f'  fits {hbm_gib:g} GiB'
+  lines = [head + f'   ({unit} per device)', '-' * len(head)]
+  for r in rows:
+    cells = f'{r.remat:<14}{r.params / scale:>10.2f}{r.opt_state / scale:>11.2f}{r.batch / scale:>9.3f}'
+    if r.error:
+      lines.append(f'{cells}  n/a: {r.error}')
+      continue
+    line = f'{cells}{r.temp / scale:>10.2f}{r.peak / scale:>10.2f}{r.compile_s:>8.1f}s'
+    if hbm_gib:
+      line += '  yes' if r.peak <= hbm_gib * GiB else '  NO'
+    lines.append(line)
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  ap = argparse.ArgumentParser(prog='blox-plan', description=__doc__.split('\n\n')[0])
+  ap.add_argument('--config', required=True, help='preset YAML, e.g. configs/llama_7b.yaml')
+  ap.add_argument('--devices', type=int, required=True, help='number of (fake CPU) devices to plan for')
+  ap.add_argument('--mesh', default='', help='data=..,fsdp=..,tensor=.. (default: the config\'s mesh)')
+  ap.add_argument('--remat', default='all', help="comma-separated policies, or 'all'")
+  ap.add_argument('--batch-size', type=int, default=0, help='global batch (default: data.batch_size)')
+  ap.add_argument('--seq-len', type=int, default=0, help='sequence length (default: data.seq_len)')
+  ap.add_argument('--hbm', type=float, default=0.0, help='device memory in GiB, to print whether each policy fits')
+  ap.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
+  args = ap.parse_args(argv)
+  _ensure_devices(args.devices, argv)
+
+  import jax
+
+  from blox_scale import sharding
+  from blox_scale.config import load_config
+  from blox_scale.remat import POLICIES
+
+  mesh_overrides = [f'mesh.{kv.strip()}' for kv in args.mesh.split(',') if kv.strip()]
+  cfg = load_config(args.config, [*args.overrides, *mesh_overrides])
+  mesh = sharding.make_mesh(cfg.mesh)
+  remats = list(POLICIES) if args.remat == 'all' else [r.strip() for r in args.remat.split(',')]
+  m = cfg.model
+  print(f'{args.config}: {m.num_layers} layers, d_model {m.d_model}, params {m.param_dtype}, compute {m.dtype}; '
+        f'batch {args.batch_size or cfg.data.batch_size} x {args.seq_len or cfg.data.seq_len}; '
+        f'mesh {dict(mesh.shape)} on {jax.device_count()} devices', flush=True)
+  rows = plan(cfg, mesh, remats=remats, batch_size=args.batch_size or None, seq_len=args.seq_len or None)
+  print(format_rows(rows, args.hbm))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,88 @@
+"""A small multi-process training loop for tests/test_multihost.py.
+
+Run it under launch/local.sh (N processes) or alone (one process); with the
+same global batch size and mesh sizes it must print the same losses:
+
+  launch/local.sh 2 python3 tests/multihost_driver.py --steps 3
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python3 tests/multihost_driver.py --steps 3
+
+Each process builds the same global batch per step from a seed, loads only
+its rows (`process_batch_slice`) and turns them into global arrays
+(`make_global_batch`). The primary process prints `LOSS <step> <loss>` lines.
+`--die-process P --die-step S` makes process P exit abruptly (os._exit) after
+step S, to test that the others do not hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from blox_scale import distributed  # noqa: E402  (no JAX computation before initialize)
+from blox_scale.config import load_config  # noqa: E402
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--steps', type=int, default=3)
+  ap.add_argument('--batch', type=int, default=8)
+  ap.add_argument('--mesh', default='data=-1,fsdp=2,tensor=1')
+  ap.add_argument('--die-process', type=int, default=-1)
+  ap.add_argument('--die-step', type=int, default=0)
+  ap.add_argument('--heartbeat', type=int, default=10)
+  args = ap.parse_args()
+
+  mesh_overrides = [f'mesh.{kv}' for kv in args.mesh.split(',') if kv]
+  cfg = load_config(None, [
+      'model.num_layers=2', 'model.d_model=32', 'model.num_heads=4', 'model.mlp_dim=64',
+      'model.max_seq_len=16', 'data.seq_len=16', f'distributed.heartbeat_timeout={args.heartbeat}',
+      'distributed.shutdown_timeout=10', 'distributed.initialization_timeout=60', *mesh_overrides])
+  distributed.initialize(cfg.distributed)
+
+  import jax
+  import numpy as np
+  import optax
+
+  import blox as bx
+  from blox_scale import sharding
+  from blox_scale.models import DecoderLM
+  from blox_scale.step import init_train_state, make_train_step
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_from_config(cfg.mesh)
+  model = DecoderLM(bx.Graph('lm'), cfg.model)
+  optimizer = optax.adamw(1e-2)
+  state = init_train_state(model, optimizer, 0, mesh, rules)
+  train_step = make_train_step(model, optimizer, mesh, rules)
+  rows = distributed.process_batch_slice(args.batch, mesh, rules)
+  print(f'process {jax.process_index()}/{jax.process_count()} devices {jax.local_device_count()}/'
+        f'{jax.device_count()} mesh {dict(mesh.shape)} rows {rows.start}:{rows.stop}', flush=True)
+
+  seq = cfg.data.seq_len
+  step = 0
+  while True:
+    rng = np.random.default_rng(1000 + step)
+    tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, seq + 1), dtype=np.int32)
+    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'mask': np.ones((args.batch, seq), np.float32)}
+    local = {k: v[rows] for k, v in batch.items()}
+    state, metrics = train_step(state, distributed.make_global_batch(local, mesh, rules))
+    loss = float(metrics['loss'])  # a host transfer: every process waits for the step
+    if distributed.is_primary():
+      print(f'LOSS {step} {loss:.9g}', flush=True)
+    if jax.process_index() == args.die_process and step >= args.die_step:
+      print(f'process {args.die_process} dying abruptly after step {step}', flush=True)
+      os._exit(17)
+    step += 1
+    if args.die_process < 0 and step >= args.steps:
+      break
+    if args.die_process >= 0:
+      time.sleep(0.5)  # survivors keep stepping until JAX notices the death
+  print('DONE', flush=True)
+
+
+if __name__ == '__main__':
+  main()
