@@ -185,7 +185,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
         loss, metrics, grads, new_rest, _ = loss_and_grad(trainable, rest, batch)
       else:
         loss, metrics, grads, new_rest = accumulate(trainable, rest, batch)
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
       new_trainable = optax.apply_updates(trainable, updates)

@@ -19,11 +19,66 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from blox_scale import distributed  # noqa: E402  (no JAX computation before initialize)
 from blox_scale.config import load_config  # noqa: E402
+
+
+def tiny_config(mesh: str, heartbeat: int = 10) -> Any:
+  mesh_overrides = [f'mesh.{kv}' for kv in mesh.split(',') if kv]
+  return load_config(None, [
+      'model.num_layers=2', 'model.d_model=32', 'model.num_heads=4', 'model.mlp_dim=64',
+      'model.max_seq_len=16', 'data.seq_len=16', f'distributed.heartbeat_timeout={heartbeat}',
+      'distributed.shutdown_timeout=10', 'distributed.initialization_timeout=60', *mesh_overrides])
+
+
+def global_batch(step: int, batch: int, seq: int, vocab: int) -> dict[str, Any]:
+  """The same global batch on every process and in every run, from the step."""
+  import numpy as np
+  rng = np.random.default_rng(1000 + step)
+  tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'mask': np.ones((batch, seq), np.float32)}
+
+
+def run(cfg: Any, steps: int, batch: int, devices: Any = None, die_process: int = -1, die_step: int = 0) -> list[float]:
+  """The training loop; returns the per-step losses (printed on the primary)."""
+  import jax
+  import optax
+
+  import blox as bx
+  from blox_scale import sharding
+  from blox_scale.models import DecoderLM
+  from blox_scale.step import init_train_state, make_train_step
+
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  rules = sharding.rules_from_config(cfg.mesh)
+  model = DecoderLM(bx.Graph('lm'), cfg.model)
+  optimizer = optax.adamw(1e-2)
+  state = init_train_state(model, optimizer, 0, mesh, rules)
+  train_step = make_train_step(model, optimizer, mesh, rules)
+  rows = distributed.process_batch_slice(batch, mesh, rules)
+  print(f'process {jax.process_index()}/{jax.process_count()} devices {jax.local_device_count()}/'
+        f'{jax.device_count()} mesh {dict(mesh.shape)} rows {rows.start}:{rows.stop}', flush=True)
+  losses = []
+  step = 0
+  while die_process >= 0 or step < steps:
+    full = global_batch(step, batch, cfg.data.seq_len, cfg.model.vocab_size)
+    local = {k: v[rows] for k, v in full.items()}
+    state, metrics = train_step(state, distributed.make_global_batch(local, mesh, rules))
+    loss = float(metrics['loss'])  # a host transfer: every process waits for the step
+    losses.append(loss)
+    if distributed.is_primary():
+      print(f'LOSS {step} {loss:.9g}', flush=True)
+    if jax.process_index() == die_process and step >= die_step:
+      print(f'process {die_process} dying abruptly after step {step}', flush=True)
+      os._exit(17)
+    step += 1
+    if die_process >= 0:
+      time.sleep(0.5)  # survivors keep stepping until JAX notices the death
+  return losses
 
 
 def main() -> None:
@@ -35,52 +90,9 @@ def main() -> None:
   ap.add_argument('--die-step', type=int, default=0)
   ap.add_argument('--heartbeat', type=int, default=10)
   args = ap.parse_args()
-
-  mesh_overrides = [f'mesh.{kv}' for kv in args.mesh.split(',') if kv]
-  cfg = load_config(None, [
-      'model.num_layers=2', 'model.d_model=32', 'model.num_heads=4', 'model.mlp_dim=64',
-      'model.max_seq_len=16', 'data.seq_len=16', f'distributed.heartbeat_timeout={args.heartbeat}',
-      'distributed.shutdown_timeout=10', 'distributed.initialization_timeout=60', *mesh_overrides])
+  cfg = tiny_config(args.mesh, args.heartbeat)
   distributed.initialize(cfg.distributed)
-
-  import jax
-  import numpy as np
-  import optax
-
-  import blox as bx
-  from blox_scale import sharding
-  from blox_scale.models import DecoderLM
-  from blox_scale.step import init_train_state, make_train_step
-
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh)
-  model = DecoderLM(bx.Graph('lm'), cfg.model)
-  optimizer = optax.adamw(1e-2)
-  state = init_train_state(model, optimizer, 0, mesh, rules)
-  train_step = make_train_step(model, optimizer, mesh, rules)
-  rows = distributed.process_batch_slice(args.batch, mesh, rules)
-  print(f'process {jax.process_index()}/{jax.process_count()} devices {jax.local_device_count()}/'
-        f'{jax.device_count()} mesh {dict(mesh.shape)} rows {rows.start}:{rows.stop}', flush=True)
-
-  seq = cfg.data.seq_len
-  step = 0
-  while True:
-    rng = np.random.default_rng(1000 + step)
-    tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, seq + 1), dtype=np.int32)
-    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'mask': np.ones((args.batch, seq), np.float32)}
-    local = {k: v[rows] for k, v in batch.items()}
-    state, metrics = train_step(state, distributed.make_global_batch(local, mesh, rules))
-    loss = float(metrics['loss'])  # a host transfer: every process waits for the step
-    if distributed.is_primary():
-      print(f'LOSS {step} {loss:.9g}', flush=True)
-    if jax.process_index() == args.die_process and step >= args.die_step:
-      print(f'process {args.die_process} dying abruptly after step {step}', flush=True)
-      os._exit(17)
-    step += 1
-    if args.die_process < 0 and step >= args.steps:
-      break
-    if args.die_process >= 0:
-      time.sleep(0.5)  # survivors keep stepping until JAX notices the death
+  run(cfg, args.steps, args.batch, die_process=args.die_process, die_step=args.die_step)
   print('DONE', flush=True)
 
 
