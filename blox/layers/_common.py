@@ -55,3 +55,14 @@ def require_bool(value: Any, what: str, where: str) -> bool:
         f"jax.jit(f, static_argnames='{what}'), or pass a constant."
     )
   return bool(value)
+
+
+def add_bias(outputs: jax.Array, bias: jax.Array) -> jax.Array:
+  """`outputs: [..., f] + bias: [f]`, added in the wider dtype, returned in `outputs.dtype`.
+
+  With bf16 compute over f32 params the add runs in f32 (XLA fuses the
+  converts), so the bias gradient, a sum over every batch and position, is
+  accumulated in f32 rather than in bf16.
+  """
+  wide = jnp.promote_types(outputs.dtype, bias.dtype)
+  return cast(cast(outputs, wide) + expand_last(cast(bias, wide), outputs.ndim), outputs.dtype)

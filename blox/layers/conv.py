@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from blox.graph import Graph
-from blox.layers._common import DType, cast, compute_dtype, expand_last, with_axes
+from blox.layers._common import DType, add_bias, cast, compute_dtype, with_axes
 from blox.module import Module
 from blox.params import Params
 from blox.rng import Rng
@@ -83,7 +83,7 @@ class _ConvBase(Module):
     bias, params = self.get_param(
         params, 'bias', (self.output_channels,), self.bias_init, dtype=self.param_dtype,
         metadata=self.bias_metadata, rng=self.rng)
-    return outputs + expand_last(cast(bias, outputs.dtype), outputs.ndim), params
+    return add_bias(outputs, bias), params
 
   @property
   def _where(self) -> str:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from blox.graph import Graph
-from blox.layers._common import DType, cast, compute_dtype, expand_last, with_axes
+from blox.layers._common import DType, add_bias, cast, compute_dtype, with_axes
 from blox.module import Module
 from blox.params import Params
 from blox.rng import Rng
@@ -76,7 +76,7 @@ class Linear(Module):
       bias, params = self.get_param(
           params, 'bias', (self.output_size,), self.bias_init,
           dtype=self.param_dtype, metadata=self.bias_metadata, rng=self.rng)
-      outputs = outputs + expand_last(cast(bias, outputs.dtype), outputs.ndim)
+      outputs = add_bias(outputs, bias)
     return outputs, params
 
 

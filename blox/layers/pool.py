@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blox.layers.conv import PaddingLike, as_tuple, fold_batch
 
@@ -22,16 +23,20 @@ def _pool(inputs: jax.Array, init: jax.Array, op: Callable, window_shape: int | 
   return y.reshape(batch_shape + y.shape[1:])
 
 
-def _lowest(dtype) -> jax.Array:
+# Init values are NumPy constants, never traced arrays: JAX recognises
+# reduce_window with a constant identity as max/min/sum pooling, which has a
+# gradient; with a traced init it falls back to the generic (non
+# differentiable) reduce_window.
+def _lowest(dtype) -> np.ndarray:
   if jnp.issubdtype(dtype, jnp.floating):
-    return jnp.array(-jnp.inf, dtype)
-  return jnp.array(jnp.iinfo(dtype).min, dtype)
+    return np.array(-np.inf, dtype)
+  return np.array(jnp.iinfo(dtype).min, dtype)
 
 
-def _highest(dtype) -> jax.Array:
+def _highest(dtype) -> np.ndarray:
   if jnp.issubdtype(dtype, jnp.floating):
-    return jnp.array(jnp.inf, dtype)
-  return jnp.array(jnp.iinfo(dtype).max, dtype)
+    return np.array(np.inf, dtype)
+  return np.array(jnp.iinfo(dtype).max, dtype)
 
 
 def max_pool(inputs: jax.Array, window_shape: int | Sequence[int], strides: int | Sequence[int] | None = None,
@@ -53,7 +58,7 @@ def avg_pool(inputs: jax.Array, window_shape: int | Sequence[int], strides: int 
   With padding other than 'VALID' the mean is over the real (non-padded)
   elements of each window, as in jax-blox.
   """
-  zero = jnp.array(0, inputs.dtype)
+  zero = np.array(0, inputs.dtype)
   total = _pool(inputs, zero, jax.lax.add, window_shape, strides, padding, 'avg_pool')
   if isinstance(padding, str) and padding == 'VALID':
     window = (window_shape,) if isinstance(window_shape, int) else tuple(window_shape)
