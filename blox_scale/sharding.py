@@ -185,7 +185,7 @@ def spec_for(path: str, shape: Sequence[int], axes: Sequence[str | None], mesh: 
       raise ValueError(
           f"Param {path}: dimension {dim} ('{name}', size {size}) is not divisible by mesh axis "
           f'{entry!r} of size {n}. Change the mesh (mesh.{entry if isinstance(entry, str) else "..."}) '
-          f"so that it divides {size}, or map '{name}' elsewhere in mesh.rules (e.g. {name}=null).")
+          f"so that it divides {size}, or map '{name}' elsewhere (e.g. the override mesh.rules.{name}=null).")
   return spec
 
 
