@@ -107,7 +107,9 @@ def check(make, ref, x, dtype, *, call=None, bf16_atol=2e-2):
   g = bx.Graph('net')
   rng = bx.Rng(g.child('rng'))
   module = make(g.child('m'), rng, dtype)
-  _, params = call(module, rng.seed(bx.Params(), seed=0), x)
+  # Jitted init: one XLA compile instead of op-by-op dispatch of every
+  # random draw (threefry is slow to compile on CPU).
+  params = jax.jit(lambda p, x: call(module, p, x)[1])(rng.seed(bx.Params(), seed=0), x)
   trainable, rest = params.locked().split()
   names = lambda tree: {'/'.join(k[2:]): v.value for k, v in tree.items()}
 
