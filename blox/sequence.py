@@ -99,8 +99,9 @@ def dynamic_scan(step_fn: StepFn, params: Params, inputs: Any, prev_state: Any, 
   return (outputs, state), params
 
 
-class SequenceBase(Module, Generic[InputsT, StateT, OutputsT, ResetT]):
-  """Interface of sequence modules.
+class SequenceBase(Module, Generic[InputsT, StateT, OutputsT, ResetT], metaclass=abc.ABCMeta):
+  """Interface of sequence modules (abstract: a subclass that misses one of
+  the three methods cannot be instantiated).
 
   `__call__` processes one step (`inputs: [batch, ...]`), `apply` a whole
   sequence (`inputs: [batch, time, ...]`), `initial_state` builds the state
