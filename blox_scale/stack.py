@@ -212,41 +212,49 @@ class Stack(bx.Module):
   def _init(self, params: bx.Params, x: Any, xs: Any, per_layer: bool, args: tuple, kwargs: dict) -> bx.Params:
     """Creates the stacked block params: the block's init vmapped over layers."""
     where = _fmt(self.graph.path)
-    before = params._data
     if self.rng is not None:
       self.rng.get_seed(params)  # a clear RngNotSeededError before tracing
     # Every Rng stream outside the block (usually just `rng`) restarts per
     # layer from a key that depends on the stack's path, not on the counter:
     # adding a module before the stack must not change the stack's init.
     salt = jnp.uint32(zlib.crc32(where.encode()))
-    init_keys = {s: jax.random.fold_in(before[s].value, salt) for s, _ in self._rng_streams(before)}
     static: dict[Path, tuple[bool, bx.Metadata]] = {}
 
-    def init_one(i: jax.Array, x_i: Any) -> dict[Path, Any]:
-      data = dict(before)
-      for seed, counter in self._rng_streams(before):
-        data[seed] = before[seed].replace(value=jax.random.fold_in(init_keys[seed], i))
-        data[counter] = before[counter].replace(value=jnp.zeros((), jnp.uint32))
-      created: dict[Path, bx.Param] = {}
-      _, _, out = self._call_block(_Recording(data, False, created), x, x_i, per_layer, args, kwargs)
-      new = [p for p in out._data if p not in before]
-      outside = [_fmt(p) for p in new if not self._is_block(p)]
-      if outside:
-        raise ValueError(
-            f'Stack {where}: the block created params outside its own graph path '
-            f'{_fmt(self.block_path)}: {outside}. A stacked block may read outer '
-            'params (embeddings, the shared Rng) but must create its own under '
-            'its graph node; create shared params before the stack.'
-        )
-      values = {}
-      for p in new:
-        param = created.get(p, out._data[p])
-        static[p] = (param.trainable, param.metadata)
-        values[p] = param.value
-      return values
+    def init_all(params: bx.Params, x: Any, xs: Any) -> dict[Path, Any]:
+      before = params._data
+      streams = self._rng_streams(before)
+      init_keys = {s: jax.random.fold_in(before[s].value, salt) for s, _ in streams}
 
-    xs_init = xs if per_layer else None
-    values = jax.vmap(init_one)(jnp.arange(self.num_layers, dtype=jnp.int32), xs_init)
+      def init_one(i: jax.Array, x_i: Any) -> dict[Path, Any]:
+        data = dict(before)
+        for seed, counter in streams:
+          data[seed] = before[seed].replace(value=jax.random.fold_in(init_keys[seed], i))
+          data[counter] = before[counter].replace(value=jnp.zeros((), jnp.uint32))
+        created: dict[Path, bx.Param] = {}
+        _, _, out = self._call_block(_Recording(data, False, created), x, x_i, per_layer, args, kwargs)
+        new = [p for p in out._data if p not in before]
+        outside = [_fmt(p) for p in new if not self._is_block(p)]
+        if outside:
+          raise ValueError(
+              f'Stack {where}: the block created params outside its own graph path '
+              f'{_fmt(self.block_path)}: {outside}. A stacked block may read outer '
+              'params (embeddings, the shared Rng) but must create its own under '
+              'its graph node; create shared params before the stack.'
+          )
+        values = {}
+        for p in new:
+          param = created.get(p, out._data[p])
+          static[p] = (param.trainable, param.metadata)
+          values[p] = param.value
+        return values
+
+      return jax.vmap(init_one)(jnp.arange(self.num_layers, dtype=jnp.int32), xs)
+
+    # jit: one compilation instead of op-by-op dispatch when called eagerly,
+    # and XLA drops the throwaway forward (only the created params are
+    # outputs). Inside an outer jit or eval_shape this is simply inlined.
+    values = jax.jit(init_all)(params, x, xs if per_layer else None)
+    before = params._data
     data = dict(before)
     for p, v in values.items():
       trainable, meta = static[p]

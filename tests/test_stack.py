@@ -553,3 +553,18 @@ def test_error_locked_without_block_params():
   stack, _, params = build(RawMLP, 2)
   with pytest.raises(bx.ParamsLockedError, match='no block params under m/stack/block'):
     stack(params.locked(), x_input())
+
+
+@pytest.mark.slow
+def test_docs_examples_run():
+  """The Python blocks of docs/stack.md run, in order, in one namespace."""
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).parent.parent / 'docs' / 'stack.md').read_text()
+  blocks = re.findall(r'```python\n(.*?)```', text, flags=re.S)
+  assert len(blocks) >= 4
+  namespace: dict = {}
+  for code in blocks:
+    exec(compile(code, 'docs/stack.md', 'exec'), namespace)
+  assert np.isfinite(float(namespace['loss']))
+  assert namespace['caches'].shape == (4, 8, 32, 16)
