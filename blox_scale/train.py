@@ -1,0 +1,267 @@
+"""blox-train: the training loop, top to bottom.
+
+    blox-train                                   # tiny model, stdlib corpus, CPU, a few minutes
+    blox-train --config configs/gpt2_124m.yaml train.steps=1000 data.batch_size=64
+    python -m blox_scale.train model.num_layers=2 train.workdir=runs/try
+
+Sections, in the order they run:
+  1. config           defaults <- preset YAML <- dotted overrides
+  2. distributed      jax.distributed.initialize (multi-process), no-op alone
+  3. mesh             (data, fsdp, tensor) over every device; 1 CPU = a 1-device mesh
+  4. model            DecoderLM, optimizer, the abstract train state (nothing allocated)
+  5. state            restore the latest checkpoint onto this mesh, or a sharded init
+  6. data             grain pipeline, resumed at the checkpoint's iterator state
+  7. step             the jitted sharded train step, compiled ahead (time + memory)
+  8. loop             steps; at log steps: metrics, progress, non-finite check;
+                      eval; checkpoints (async); SIGTERM -> save and exit
+  9. end              final checkpoint, loss plot, samples
+
+Exit codes: 0 done (or preempted by SIGTERM after saving), 2 non-finite
+loss/gradients (nothing non-finite was checkpointed), 1 other errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import blox as bx
+from blox_scale import distributed, flops
+from blox_scale.checkpoint import Checkpointer, save_config
+from blox_scale.config import Config, ConfigError, load_config, to_yaml
+from blox_scale.data import build_data
+from blox_scale.metrics import MetricsWriter, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
+from blox_scale.models import DecoderLM
+from blox_scale.optim import make_optimizer
+from blox_scale.sharding import batch_shardings, make_mesh, rules_from_config
+from blox_scale.step import abstract_train_state, init_train_state, make_eval_step, make_train_step, train_state_shardings
+from blox_scale.tokenizer import get_tokenizer
+
+EXIT_OK, EXIT_ERROR, EXIT_NONFINITE = 0, 1, 2
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradients became NaN/inf; the run stops before checkpointing it."""
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
+  parser = argparse.ArgumentParser(
+      prog='blox-train', description='Train a decoder LM. With no arguments: the tiny model on the stdlib corpus.',
+      epilog='Overrides are dotted key=value pairs, e.g. model.num_layers=2 train.steps=100. '
+             'The full reference is docs/training.md.')
+  parser.add_argument('--config', default=None, help='A YAML preset, e.g. configs/tiny.yaml (default: built-in defaults).')
+  parser.add_argument('overrides', nargs='*', help='key=value overrides.')
+  args = parser.parse_args(argv)
+  return args.config, args.overrides
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """bool[]: every floating leaf of `tree` is finite (checked before each save)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def evaluate(eval_step: Any, params: bx.Params, data: Any, mesh: Any, rules: Any) -> float | None:
+  """Mean eval loss over the held-out batches, weighted by their token counts."""
+  total, tokens = 0.0, 0.0
+  for batch in data.eval_batches():
+    m = jax.device_get(eval_step(params, distributed.make_global_batch(batch, mesh, rules)))
+    w = float(m.get('tokens', 1.0))
+    total, tokens = total + float(m['loss']) * w, tokens + w
+  return total / tokens if tokens else None
+
+
+def train(config: Config) -> int:
+  """Runs (or resumes) the training described by `config`; returns the exit code."""
+  # -- 1. config ------------------------------------------------------------------------------------
+  cfg = config
+  workdir = Path(cfg.train.workdir)
+
+  # -- 2. distributed -------------------------------------------------------------------------------
+  distributed.initialize(cfg.distributed)  # no-op for one process on one machine
+  primary = is_primary()
+  log = print if primary else (lambda *a, **k: None)
+
+  # -- 3. mesh --------------------------------------------------------------------------------------
+  mesh = make_mesh(cfg.mesh)
+  rules = rules_from_config(cfg.mesh)
+  log(f'mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), '
+      f'{jax.process_count()} process(es)')
+
+  # -- 4. model, optimizer, abstract state -----------------------------------------------------------
+  model = DecoderLM(bx.Graph('lm'), cfg.model)
+  optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+  abstract = abstract_train_state(model, optimizer, cfg.train.seed)
+  shardings = train_state_shardings(abstract, mesh, rules)  # errors name a param that does not divide
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  num_params = sum(int(np.prod(p.shape)) for p in abstract.params.values() if p.trainable)
+  log(f'model: {num_params / 1e6:.2f}M trainable params, {cfg.model.num_layers} layers, d_model {cfg.model.d_model}')
+
+  # -- 5. state: restore or init --------------------------------------------------------------------
+  checkpoints = Checkpointer(workdir, cfg.checkpoint)
+  latest = checkpoints.latest_step() if cfg.checkpoint.resume else None
+  data_state = None
+  if latest is not None:
+    state, data_state = checkpoints.restore(latest, abstract)
+    log(f'resumed from {checkpoints.directory}/{latest}')
+  else:
+    state = init_train_state(model, optimizer, cfg.train.seed, mesh, rules)
+  step = int(latest or 0)
+  if primary:
+    save_config(workdir, cfg)
+
+  # -- 6. data --------------------------------------------------------------------------------------
+  rows = distributed.process_batch_slice(cfg.data.batch_size, mesh, rules)  # this process's rows of each batch
+  data = build_data(cfg.data, cfg.model.vocab_size, rows=rows, eval_batches=cfg.train.eval_batches, state=data_state)
+  log(f'data: {cfg.data.source}, {data.num_tokens:,} tokens, {data.num_train_windows:,} train / '
+      f'{data.num_eval_windows:,} eval windows of {cfg.data.seq_len}; unigram entropy {data.unigram_entropy:.3f} nats')
+
+  # -- 7. step: compile ahead of time ---------------------------------------------------------------
+  train_step = make_train_step(model, optimizer, mesh, rules, grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                               learning_rate_fn=schedule)
+  eval_step = make_eval_step(model, mesh, rules)
+  batch_spec = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.float32 if k == 'mask' else jnp.int32)
+                for k in ('inputs', 'targets', 'mask')}
+  in_batch_shardings = batch_shardings(batch_spec, mesh, rules)
+  t0 = time.perf_counter()
+  compiled = train_step.lower(abstract, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch_shardings[k])
+                                         for k, v in batch_spec.items()}).compile()
+  compile_s = time.perf_counter() - t0
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+  peak = flops.device_peak_flops(jax.devices()[0]) * jax.device_count()
+  writer = MetricsWriter(workdir, enabled=primary)
+  memory = memory_report(compiled)
+  writer.write({'kind': 'start', 'step': step, 'compile_time_s': compile_s, 'num_params': num_params,
+                'num_devices': jax.device_count(), 'flops_per_token': flops_per_token,
+                'unigram_entropy': data.unigram_entropy, **memory})
+  log(f'compiled train step in {compile_s:.1f}s; ' + ', '.join(f'{k} {format_bytes(v)}' for k, v in memory.items()))
+
+  # -- 8. loop --------------------------------------------------------------------------------------
+  stop_signal: list[int] = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
+  progress = Progress(cfg.train.steps, step, enabled=primary and cfg.train.progress)
+  throughput = Throughput(tokens_per_step, flops_per_token, peak)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics since the last log (no sync per step)
+  exit_code = EXIT_OK
+  last_eval = -1
+
+  def flush() -> None:
+    """Reads the pending metrics (one device sync), logs them, raises on non-finite."""
+    if not pending:
+      return
+    values = jax.device_get([m for _, m in pending])
+    rates = throughput.read()
+    bad = [s for (s, _), v in zip(pending, values) if not bool(v['finite'])]
+    last_step, last = pending[-1][0], values[-1]
+    record = {'kind': 'train', 'step': last_step,
+              'loss': float(np.mean([v['loss'] for v in values])),
+              'learning_rate': float(last.get('learning_rate', schedule(last_step - 1))),
+              'grad_norm': float(last['grad_norm']), **rates}
+    record.update({k: float(v) for k, v in last.items() if k not in record and k != 'finite'})
+    pending.clear()
+    writer.write(record)
+    progress.update(last_step, record)
+    if progress.bar is None:  # no bar (CI logs, progress=false): one plain line per log step
+      log(f"step {last_step}: loss {record['loss']:.4f}, lr {record['learning_rate']:.2e}, "
+          f"{record['tokens_per_sec']:,.0f} tok/s, mfu {100 * record['mfu']:.1f}%")
+    if bad:
+      raise NonFiniteError(f'non-finite loss or gradients at step {bad[0]} (loss={record["loss"]}, '
+                           f'grad_norm={record["grad_norm"]}); the update was skipped and the run stops. '
+                           'Lower optimizer.learning_rate, raise optimizer.warmup_steps or check the data.')
+
+  def save(at: int) -> None:
+    flush()  # any non-finite step since the last log raises here, before saving
+    if not bool(all_finite(state.params)):
+      raise NonFiniteError(f'params are not finite at step {at}; not checkpointing them.')
+    checkpoints.save(at, state, data.train.get_state())
+
+  try:
+    while step < cfg.train.steps:
+      batch = distributed.make_global_batch(next(data.train), mesh, rules)
+      state, metrics = compiled(state, batch)  # async: returns before the device is done
+      step += 1
+      throughput.tick()
+      pending.append((step, metrics))
+
+      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        flush()
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        paused = throughput.pause()
+        eval_loss, last_eval = evaluate(eval_step, state.params, data, mesh, rules), step
+        throughput.resume(paused)
+        if eval_loss is not None:
+          writer.write({'kind': 'eval', 'step': step, 'eval_loss': eval_loss})
+          progress.write(f'step {step}: eval loss {eval_loss:.4f}')
+      if step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+        paused = throughput.pause()
+        save(step)
+        throughput.resume(paused)
+      if stop_signal:
+        progress.write(f'SIGTERM at step {step}: saving a checkpoint and exiting.')
+        break
+
+    # -- 9. end -------------------------------------------------------------------------------------
+    save(step)
+    checkpoints.wait()
+    progress.close()
+    log(f'saved checkpoint {checkpoints.directory}/{step}')
+    if stop_signal:
+      return EXIT_OK
+    if cfg.train.eval_every and last_eval != step:
+      eval_loss = evaluate(eval_step, state.params, data, mesh, rules)
+      if eval_loss is not None:
+        writer.write({'kind': 'eval', 'step': step, 'eval_loss': eval_loss})
+        log(f'final eval loss {eval_loss:.4f} nats (unigram entropy {data.unigram_entropy:.4f})')
+    if primary and cfg.train.plot:
+      path = plot_losses(workdir, data.unigram_entropy)
+      log(f'loss curve: {path}')
+    if cfg.train.sample_tokens > 0 and jax.process_count() == 1:
+      print_samples(cfg, model, state.params)
+  except NonFiniteError as e:
+    progress.close()
+    log(f'error: {e}')
+    exit_code = EXIT_NONFINITE
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    writer.close()
+    checkpoints.close()
+  return exit_code
+
+
+def print_samples(cfg: Config, model: DecoderLM, params: bx.Params) -> None:
+  """Continues `train.sample_prompt` (the same `generate` as blox-sample)."""
+  from blox_scale.sample import generate
+
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  prompt = tokenizer.encode(cfg.train.sample_prompt) or [ord('\n')]
+  tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
+  [new] = generate(model, params, [prompt], max_new_tokens=tokens, temperature=cfg.train.sample_temperature,
+                   seed=cfg.train.seed)
+  print('sample ' + '-' * 60)
+  print(cfg.train.sample_prompt + tokenizer.decode(new))
+  print('-' * 67, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`blox-train [--config FILE] [key=value ...]`."""
+  config_path, overrides = parse_args(argv)
+  try:
+    config = load_config(config_path, overrides)
+  except ConfigError as e:
+    print(f'blox-train: config error: {e}', file=sys.stderr)
+    return EXIT_ERROR
+  return train(config)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
