@@ -302,3 +302,109 @@ def test_init_under_jit_with_out_shardings_on_2x2_mesh():
   for path in plain:
     if path[-1] != 'seed':
       tree_allclose(params[path].value, plain[path].value, rtol=1e-6, atol=1e-6)
+
+
+# -- raw JAX transforms on module calls ----------------------------------------
+
+
+def _mlp():
+  g = bx.Graph('net')
+  rng = bx.Rng(g.child('rng'))
+  model = bx.Sequential(g.child('mlp'), [
+      bx.Linear(g.child('l1'), 8, rng, bias_init=jax.nn.initializers.normal(0.1)), jnp.tanh,
+      bx.Linear(g.child('l2'), 2, rng)])
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  _, params = model(rng.seed(bx.Params(), seed=0), x)
+  return rng, model, params.locked(), x
+
+
+def _ref_mlp(params, x):
+  v = lambda n, k: params[('net', n, k)].value  # noqa: E731
+  return jnp.tanh(x @ v('l1', 'kernel') + v('l1', 'bias')[None, :]) @ v('l2', 'kernel') + v('l2', 'bias')[None, :]
+
+
+def test_raw_jit_grad_vmap_checkpoint():
+  _, model, params, x = _mlp()
+  y, _ = model(params, x)
+  tree_allclose(y, _ref_mlp(params, x))
+  y_jit, p_jit = jax.jit(model)(params, x)
+  tree_allclose(y_jit, y)
+  assert p_jit.is_locked and set(p_jit) == set(params)
+  # vmap over the batch with shared params (in_axes=None), one example per lane.
+  y_vmap, _ = jax.vmap(model, in_axes=(None, 0), out_axes=(0, None))(params, x)
+  tree_allclose(y_vmap, y)
+  trainable, rest = params.split()
+  loss = lambda t, x: jnp.sum(model(t.merge(rest), x)[0] ** 2)  # noqa: E731
+  grads = jax.grad(loss)(trainable, x)
+  ref_grads = jax.grad(lambda t: jnp.sum(_ref_mlp(t.merge(rest), x) ** 2))(trainable)
+  tree_allclose(grads, ref_grads)
+  ckpt_grads = jax.grad(jax.checkpoint(loss))(trainable, x)
+  tree_allclose(ckpt_grads, grads)
+  assert 'remat' in str(jax.make_jaxpr(jax.grad(jax.checkpoint(loss)))(trainable, x)) or 'checkpoint' in str(
+      jax.make_jaxpr(jax.grad(jax.checkpoint(loss)))(trainable, x))
+
+
+def test_raw_lax_scan_over_stacked_params():
+  """Params stack like any pytree: vmap the init over a layer axis, scan the layers."""
+  g = bx.Graph('net')
+  rng = bx.Rng(g.child('rng'))
+  layer = bx.Linear(g.child('layer'), 3, rng)
+  x = jax.random.normal(jax.random.key(1), (2, 3))
+
+  def init(i):
+    params = rng.seed(bx.Params(), seed=jax.random.fold_in(jax.random.key(0), i))
+    return layer(params, x)[1].locked()
+
+  stacked = jax.vmap(init)(jnp.arange(4))
+  assert stacked[('net', 'layer', 'kernel')].value.shape == (4, 3, 3)
+
+  def body(h, layer_params):
+    h, _ = layer(layer_params, h)
+    return jnp.tanh(h), None
+
+  y, _ = jax.lax.scan(body, x, stacked)
+  h = x
+  for i in range(4):
+    p = jax.tree.map(lambda v: v[i], stacked)
+    h = jnp.tanh(h @ p[('net', 'layer', 'kernel')].value + p[('net', 'layer', 'bias')].value[None, :])
+  tree_allclose(y, h)
+  # Layers start different.
+  k = stacked[('net', 'layer', 'kernel')].value
+  assert not np.allclose(k[0], k[1])
+
+
+def test_jitted_train_step_traces_once_over_five_steps():
+  g = bx.Graph('net')
+  rng = bx.Rng(g.child('rng'))
+  model = bx.Sequential(g.child('mlp'), [bx.Linear(g.child('l1'), 8, rng), jax.nn.relu,
+                                          bx.Dropout(g.child('drop'), 0.1, rng), bx.Linear(g.child('l2'), 1, rng)])
+  x = jax.random.normal(jax.random.key(0), (8, 3))
+  target = x.sum(-1, keepdims=True)
+  _, params = model(rng.seed(bx.Params(), seed=0), x)
+  params = params.locked()
+  traces = []
+
+  @jax.jit
+  def train_step(params, x, target):
+    traces.append(1)  # Python side effect: runs only while tracing
+    trainable, rest = params.split()
+
+    def loss_fn(t):
+      y, new_params = model(t.merge(rest), x)
+      return jnp.mean((y - target) ** 2), new_params.split()[1]
+
+    (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    trainable = jax.tree.map(lambda w, g: w - 0.05 * g, trainable, grads)
+    return trainable.merge(new_rest), loss
+
+  losses = []
+  for _ in range(5):
+    params, loss = train_step(params, x, target)
+    losses.append(float(loss))
+  assert len(traces) == 1, f'train step traced {len(traces)} times'
+  # 4 init keys (2 kernels, 2 biases) + 1 dropout key at init + 1 per step.
+  assert params.is_locked and int(rng.get_counter(params)) == 4 + 1 + 5
+  assert losses[-1] < losses[0]
+  # A change of static structure (the lock flag) is a new program: one retrace.
+  train_step(params.unlocked(), x, target)
+  assert len(traces) == 2
