@@ -266,6 +266,7 @@ class Stack(bx.Module):
     where = _fmt(self.graph.path)
     if not isinstance(params, bx.Params):
       raise TypeError(f'Stack {where} expected Params as its first argument, got {type(params).__name__}.')
+    x = jax.tree.map(jnp.asarray, x)  # Python scalars become arrays: x is the scan carry
     if not any(self._is_block(p) for p in params._data):
       if params.is_locked:
         raise bx.ParamsLockedError(
