@@ -205,10 +205,22 @@ def _check_existing(path: Path, existing: Param, shape: Any, dtype: Any, what: s
         'fix the input shape.'
     )
   have_dtype = getattr(value, 'dtype', None)
-  if dtype is not None and have_dtype is not None and jnp.dtype(dtype) != jnp.dtype(have_dtype):
+  if dtype is not None and have_dtype is not None and _canonical(dtype) != _canonical(have_dtype):
+    have, want = _dtype_name(have_dtype), _dtype_name(dtype)
     raise ParamMismatchError(
-        f'Param {_fmt(path)} exists with dtype {jnp.dtype(have_dtype).name} but was '
-        f'{what} dtype {jnp.dtype(dtype).name}. Build the layer with '
-        f'param_dtype={jnp.dtype(have_dtype).name}, or cast the stored params '
-        'to the dtype the model asks for.'
+        f'Param {_fmt(path)} exists with dtype {have} but was {what} dtype '
+        f'{want}. Build the layer with param_dtype={have}, or cast the stored '
+        'params to the dtype the model asks for.'
     )
+
+
+def _canonical(dtype: Any) -> Any:
+  # Typed PRNG key dtypes (the Rng seed) are extended dtypes that jnp.dtype
+  # does not accept; they compare directly.
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    return dtype
+  return jnp.dtype(dtype)
+
+
+def _dtype_name(dtype: Any) -> str:
+  return str(getattr(_canonical(dtype), 'name', dtype))

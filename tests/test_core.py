@@ -408,3 +408,15 @@ def test_jitted_train_step_traces_once_over_five_steps():
   # A change of static structure (the lock flag) is a new program: one retrace.
   train_step(params.unlocked(), x, target)
   assert len(traces) == 2
+
+
+def test_reseeding_with_a_typed_key_and_key_dtype_mismatch():
+  """Regression: updating the seed with a typed key compared key dtypes via jnp.dtype and crashed."""
+  rng = bx.Rng(bx.Graph('net').child('rng'))
+  params = rng.seed(bx.Params(), seed=0)
+  params = rng.seed(params, seed=jax.random.fold_in(jax.random.key(0), 5))
+  key, _ = rng(params)
+  expected = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 5), 0)
+  np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(expected))
+  with pytest.raises(bx.ParamMismatchError, match='net/rng/seed exists with dtype key<fry> but was set_param with dtype key<rbg>'):
+    rng.seed(params, seed=jax.random.key(0, impl='rbg'))
