@@ -103,7 +103,11 @@ class Stack(bx.Module):
     graph: this stack's node; the block is built at `graph.child('block')`.
     block: `graph -> Module`, a module called as `x, params = block(params,
       x, *args, **kwargs)` with `x` keeping its structure, shapes and dtypes.
-    num_layers: leading axis size of every block param (>= 1).
+      A list of k factories is a repeating pattern of k different blocks:
+      the scanned unit is `bs.Group(g, block)` and `num_layers` counts the
+      sub-blocks (it must be divisible by k; the scan runs num_layers/k steps).
+    num_layers: number of layers (>= 1); the leading axis of every block
+      param has size `self.num_layers` (num_layers / k for a pattern).
     rng: the shared `bx.Rng` the block draws from. Each call draws ONE key;
       layer i sees that stream with seed `fold_in(key, i)` and counter 0.
       After the stack the stream's seed is unchanged and its counter advanced
@@ -138,6 +142,19 @@ class Stack(bx.Module):
     where = _fmt(graph.path)
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
       raise ValueError(f'Stack {where}: num_layers must be an int >= 1, got {num_layers!r}.')
+    if isinstance(block, (list, tuple)):
+      from blox_scale.group import Group  # a pattern of k different blocks
+      k = len(block)
+      if k == 0 or num_layers % k:
+        raise ValueError(
+            f'Stack {where}: num_layers={num_layers} is not divisible by the group size '
+            f'{k} (the pattern of {k} blocks). Stack num_layers // {k} = {num_layers // max(k, 1)} '
+            'repeats here and run the remaining layers in a second Stack of the '
+            'leftover blocks (see docs/stack.md, "Heterogeneous layers").'
+        )
+      pattern = list(block)
+      block = lambda g: Group(g, pattern)
+      num_layers //= k
     if not callable(block):
       raise TypeError(f'Stack {where}: block must be a callable graph -> Module (e.g. lambda g: MyBlock(g)), got {block!r}.')
     if rng is not None and not isinstance(rng, bx.Rng):

@@ -469,6 +469,18 @@ def test_group_of_different_blocks_scanned_and_remainder_stack():
   tree_allclose(y, ref)
 
 
+def test_pattern_list_is_a_group_and_counts_sub_blocks():
+  root = bx.Graph('m')
+  rng = bx.Rng(root.child('rng'))
+  pattern = [lambda g: RawMLP(g, rng), lambda g: Scale(g, rng)]
+  stack = bs.Stack(root.child('stack'), pattern, 6, rng=rng)
+  assert isinstance(stack.block, bs.Group) and stack.num_layers == 3
+  _, params = stack(rng.seed(bx.Params(), seed=0), x_input())
+  assert params[('m', 'stack', 'block', 'sub_1', 's')].value.shape == (3, D)
+  with pytest.raises(ValueError, match=r'num_layers=7 is not divisible by the group size 2.*second Stack'):
+    bs.Stack(root.child('bad'), pattern, 7, rng=rng)
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
