@@ -420,3 +420,31 @@ def test_reseeding_with_a_typed_key_and_key_dtype_mismatch():
   np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(expected))
   with pytest.raises(bx.ParamMismatchError, match='net/rng/seed exists with dtype key<fry> but was set_param with dtype key<rbg>'):
     rng.seed(params, seed=jax.random.key(0, impl='rbg'))
+
+
+def test_rng_under_shard_map_needs_fold_in_of_the_axis_index():
+  """Replicated params give every device the same key; fold in the axis index (docs/sharp_bits.md)."""
+  from jax.sharding import NamedSharding
+  g = bx.Graph('net')
+  rng = bx.Rng(g.child('rng'))
+  dropout = bx.Dropout(g.child('dropout'), rate=0.5, rng=rng)
+  params = rng.seed(bx.Params(), seed=0).locked()
+  mesh = jax.make_mesh((4,), ('data',), devices=jax.devices()[:4])
+  x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P('data')))
+
+  def folded(params, x):
+    seed = rng.get_seed(params)
+    params = rng.seed(params, seed=jax.random.fold_in(seed, jax.lax.axis_index('data')))
+    y, params = dropout(params, x)
+    return y, rng.seed(params, seed=seed)  # replicated params must agree across devices
+
+  def naive(params, x):
+    return dropout(params, x)
+
+  run = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P('data')), out_specs=(P('data'), P())))(params, x)  # noqa: E731
+  y_naive, _ = run(naive)
+  y_folded, new_params = run(folded)
+  blocks = lambda y: {np.asarray(y[i:i + 2] != 0).tobytes() for i in range(0, 8, 2)}  # noqa: E731
+  assert len(blocks(y_naive)) == 1  # every device drew the same mask
+  assert len(blocks(y_folded)) == 4
+  assert int(rng.get_counter(new_params)) == 1
