@@ -127,7 +127,12 @@ def device_peak_flops(device: Any | None = None) -> float:
   peak = peak_from_table(getattr(device, 'device_kind', ''))
   if peak is not None:
     return peak
-  return measured_matmul_peak(device.platform)
+  measured = measured_matmul_peak(device.platform)
+  if device.platform == 'cpu':
+    # Fake CPU devices (--xla_force_host_platform_device_count) share the same
+    # cores, and one matmul already uses all of them: split the machine's peak.
+    return measured / max(1, len(jax.local_devices(backend='cpu')))
+  return measured
 
 
 def achieved_flops(tokens_per_sec: float, flops_per_token: float) -> float:
