@@ -444,7 +444,7 @@ def test_rng_under_shard_map_needs_fold_in_of_the_axis_index():
   run = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P('data')), out_specs=(P('data'), P())))(params, x)  # noqa: E731
   y_naive, _ = run(naive)
   y_folded, new_params = run(folded)
-  blocks = lambda y: {np.asarray(y[i:i + 2] != 0).tobytes() for i in range(0, 8, 2)}  # noqa: E731
+  blocks = lambda y: {(np.asarray(y)[i:i + 2] != 0).tobytes() for i in range(0, 8, 2)}  # noqa: E731
   assert len(blocks(y_naive)) == 1  # every device drew the same mask
   assert len(blocks(y_folded)) == 4
   assert int(rng.get_counter(new_params)) == 1
