@@ -98,11 +98,11 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The loop: length, seeds, logging, eval and samples."""
-  steps: int = field(600, 'Optimizer steps to train for.')
+  steps: int = field(300, 'Optimizer steps to train for (the default run: about 2 minutes on 2 CPU cores).')
   seed: int = field(0, 'Seed of params init and dropout.')
   workdir: str = field('runs/tiny', 'Directory for checkpoints, metrics.jsonl and plots.')
   log_every: int = field(10, 'Write a metrics line every N steps.')
-  eval_every: int = field(200, 'Eval loss every N steps (0 disables).')
+  eval_every: int = field(100, 'Eval loss every N steps (0 disables).')
   eval_batches: int = field(4, 'Batches per eval.')
   progress: bool = field(True, 'Show a live progress bar.')
   sample_prompt: str = field('def ', 'Prompt for the samples printed at the end.')
@@ -114,7 +114,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """orbax checkpoints: cadence, retention, resume."""
-  every: int = field(200, 'Save every N steps (and at the end).')
+  every: int = field(100, 'Save every N steps (and at the end).')
   keep: int = field(3, 'Keep the last K checkpoints.')
   keep_every: int = field(0, 'Also keep every M-th step forever (0 disables).')
   async_save: bool = field(True, 'Save in the background, off the training critical path.')
@@ -339,6 +339,9 @@ def validate(config: Config) -> None:
       'model.mlp_activation': (m.mlp_activation, ('swiglu', 'gelu')),
       'model.norm': (m.norm, ('rmsnorm', 'layernorm')),
       'model.position': (m.position, ('rope', 'learned')),
+      'model.dtype': (m.dtype, ('float32', 'bfloat16', 'float16')),
+      'model.param_dtype': (m.param_dtype, ('float32', 'bfloat16', 'float16')),
+      'model.remat': (m.remat, ('none', 'full', 'dots', 'dots_no_batch', 'save_names', 'offload_names')),
       'optimizer.schedule': (config.optimizer.schedule, ('cosine', 'linear', 'constant')),
       'data.source': (config.data.source, ('stdlib', 'text', 'tokens', 'array_record')),
   }
@@ -354,6 +357,8 @@ def validate(config: Config) -> None:
       raise ConfigError(f'{key} must be >= 1, got {value}.')
   if m.head_dim == 0 and m.d_model % m.num_heads:
     raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim explicitly or change one.')
+  if m.position == 'rope' and (m.head_dim or m.d_model // m.num_heads) % 2:
+    raise ConfigError(f'model.head_dim={m.head_dim or m.d_model // m.num_heads} must be even for RoPE (position=rope).')
   kv = m.num_kv_heads or m.num_heads
   if m.num_heads % kv:
     raise ConfigError(f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv} (grouped-query attention).')

@@ -1,0 +1,112 @@
+"""The config mechanism: strict YAML, dotted overrides, base inheritance, round trip."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from blox_scale.config import Config, ConfigError, ModelConfig, load_config, parse_overrides, reference_markdown, to_yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+
+
+def _write(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  return path
+
+
+def test_defaults_and_every_field_documented():
+  assert load_config() == Config()
+  for section in dataclasses.fields(Config):
+    for f in dataclasses.fields(getattr(Config(), section.name)):
+      assert f.metadata.get('doc'), f'{section.name}.{f.name} has no one-line doc'
+  text = reference_markdown()
+  for f in dataclasses.fields(ModelConfig):
+    assert f'`model.{f.name}`' in text
+
+
+def test_overrides_are_typed():
+  c = load_config(None, ['model.num_layers=2', 'model.qk_norm=true', 'optimizer.learning_rate=1e-3',
+                         'model.remat_names=[attn_out, mlp_out]', 'model.rope_theta=500000'])
+  assert c.model.num_layers == 2 and c.model.qk_norm is True
+  assert c.optimizer.learning_rate == 1e-3 and isinstance(c.optimizer.learning_rate, float)
+  assert c.model.remat_names == ('attn_out', 'mlp_out')
+  assert c.model.rope_theta == 500000.0 and isinstance(c.model.rope_theta, float)
+
+
+def test_unknown_key_names_it_and_suggests():
+  with pytest.raises(ConfigError, match=r"Unknown config key 'model.num_layer'.*Did you mean 'model.num_layers'"):
+    load_config(None, ['model.num_layer=2'])
+  with pytest.raises(ConfigError, match=r"Unknown config key 'modle'.*Did you mean 'model'"):
+    load_config(None, ['modle.d_model=2'])
+
+
+@pytest.mark.parametrize('override,pattern', [
+    ('model.num_layers=abc', r'model.num_layers: expected an integer'),
+    ('model.num_layers=1.5', r'model.num_layers: expected an integer'),
+    ('model.qk_norm=1', r'model.qk_norm: expected true/false'),
+    ('model.norm=3', r'model.norm: expected a string'),
+    ('model.init_std=true', r'model.init_std: expected a number'),
+    ('model=3', r"'model' must be a mapping"),
+])
+def test_wrong_type_names_the_key(override, pattern):
+  with pytest.raises(ConfigError, match=pattern):
+    load_config(None, [override])
+
+
+def test_key_set_twice():
+  with pytest.raises(ConfigError, match='model.d_model is set twice'):
+    parse_overrides(['model.d_model=64', 'model.d_model=32'])
+  assert parse_overrides(['model.d_model=64', 'model.d_model=64']) == {'model': {'d_model': 64}}
+  with pytest.raises(ConfigError, match='not of the form key=value'):
+    parse_overrides(['model.d_model'])
+
+
+def test_duplicate_yaml_key(tmp_path):
+  path = _write(tmp_path, 'dup.yaml', 'model:\n  d_model: 64\n  num_layers: 2\n  d_model: 32\n')
+  with pytest.raises(ConfigError, match=r"'d_model' appears twice.*line 4"):
+    load_config(path)
+
+
+def test_base_inheritance(tmp_path):
+  _write(tmp_path, 'base.yaml', 'model:\n  d_model: 64\n  num_layers: 6\ntrain:\n  steps: 10\n')
+  child = _write(tmp_path, 'child.yaml', 'base: base.yaml\nmodel:\n  num_layers: 2\n')
+  c = load_config(child, ['train.steps=20'])
+  assert (c.model.d_model, c.model.num_layers, c.train.steps) == (64, 2, 20)
+  # Presets can build on the repository's own files too.
+  shipped = _write(tmp_path, 'mine.yaml', f'base: {CONFIGS / "llama_7b.yaml"}\nmodel:\n  num_layers: 2\n')
+  c = load_config(shipped)
+  assert c.model.d_model == 4096 and c.model.num_layers == 2
+  with pytest.raises(ConfigError, match='does not exist'):
+    load_config(_write(tmp_path, 'orphan.yaml', 'base: missing.yaml\n'))
+
+
+def test_round_trip_through_yaml(tmp_path):
+  original = load_config(CONFIGS / 'llama_1b.yaml', ['model.remat=save_names', 'model.remat_names=[qkv]'])
+  again = load_config(_write(tmp_path, 'dump.yaml', to_yaml(original)))
+  assert again == original
+
+
+def test_cross_field_validation():
+  with pytest.raises(ConfigError, match='model.d_model=100 is not divisible by model.num_heads=3'):
+    load_config(None, ['model.d_model=100', 'model.num_heads=3'])
+  with pytest.raises(ConfigError, match='multiple of model.num_kv_heads=3'):
+    load_config(None, ['model.num_kv_heads=3'])
+  with pytest.raises(ConfigError, match="model.norm='batchnorm' is not one of"):
+    load_config(None, ['model.norm=batchnorm'])
+  with pytest.raises(ConfigError, match="model.dtype='bf16' is not one of float32, bfloat16"):
+    load_config(None, ['model.dtype=bf16'])
+  with pytest.raises(ConfigError, match="model.remat='dot' is not one of"):
+    load_config(None, ['model.remat=dot'])
+  with pytest.raises(ConfigError, match='must be even for RoPE'):
+    load_config(None, ['model.head_dim=7'])
+  with pytest.raises(ConfigError, match='model.num_layers must be >= 1'):
+    load_config(None, ['model.num_layers=0'])
+  with pytest.raises(ConfigError, match='data.seq_len=512 exceeds model.max_seq_len=256'):
+    load_config(None, ['data.seq_len=512'])
+
+
+@pytest.mark.parametrize('path', sorted(CONFIGS.glob('*.yaml')), ids=lambda p: p.stem)
+def test_every_preset_loads(path):
+  assert isinstance(load_config(path), Config)
