@@ -176,3 +176,18 @@ def test_errors_name_the_problem():
     model.loss(params, {'inputs': jnp.zeros((1, 4), jnp.int32), 'targets': jnp.zeros((1, 4), jnp.int32)})
   with pytest.raises(TypeError, match='ModelConfig'):
     DecoderLM(bx.Graph('lm'), {'d_model': 4})
+
+
+def test_dropout_scanned_equals_unrolled_and_differs_by_layer_and_step():
+  cfg = dataclasses.replace(TINY, dropout_rate=0.3)
+  params = _init(TINY)  # dropout adds no params
+  batch = _batch()
+  loss = lambda m: jax.jit(lambda p, b: m.loss(p, b, is_training=True))
+  scanned = DecoderLM(bx.Graph('lm'), cfg)
+  unrolled = DecoderLM(bx.Graph('lm'), dataclasses.replace(cfg, scan_layers=False))
+  la, (_, pa) = loss(scanned)(params, batch)
+  lb, _ = loss(unrolled)(params, batch)
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  l_next, _ = loss(scanned)(pa, batch)        # the advanced Rng counter draws new masks
+  l_eval, _ = jax.jit(lambda p, b: scanned.loss(p, b, is_training=False))(params, batch)
+  assert float(la) != float(l_next) and float(la) != float(l_eval)
