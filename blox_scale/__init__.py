@@ -11,7 +11,12 @@ from blox_scale import flops, nn
 from blox_scale.models import DecoderLM
 from blox_scale.nn import MLP, Attention, TransformerBlock
 from blox_scale.sample import generate
+from blox_scale import distributed, sharding
+from blox_scale.sharding import batch_sharding, constrain, make_mesh, param_shardings, rules_from_config, use_mesh_rules
+from blox_scale.step import TrainState, init_train_state, make_eval_step, make_train_step
 
 __all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat',
            'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer',
            'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn']
+__all__ += ['distributed', 'sharding', 'make_mesh', 'rules_from_config', 'param_shardings', 'batch_sharding',
+            'constrain', 'use_mesh_rules', 'TrainState', 'init_train_state', 'make_train_step', 'make_eval_step']
