@@ -115,3 +115,30 @@ def test_local_sh_reports_the_first_failure_and_prefixes_output():
     assert re.search(rf'^\[p{i}\] id={i} n=3 127\.0\.0\.1:\d+ +--xla_force_host_platform_device_count=3$',
                      proc.stdout, re.M), proc.stdout
   assert 'process 2 exited with status 5' in proc.stderr
+
+
+def test_initialize_settings_and_cluster_detection(monkeypatch):
+  from blox_scale import distributed
+  from blox_scale.config import DistributedConfig
+
+  monkeypatch.setattr(distributed, '_initialized', False)
+  for name in list(os.environ):
+    if name.startswith(('SLURM_', 'OMPI_', 'TPU_', 'BLOX_')):
+      monkeypatch.delenv(name)
+  assert distributed._cluster_environment() is None
+  # An explicit coordinator needs a valid process id and count; the message names the keys.
+  bad = DistributedConfig(coordinator_address='127.0.0.1:1234', num_processes=2, process_id=2)
+  with pytest.raises(ValueError, match=r'num_processes >= 1 and 0 <= process_id < num_processes.*process_id=2'):
+    distributed.initialize(bad)
+  monkeypatch.setenv('BLOX_PROCESS_ID', '5')  # the config wins over the environment
+  with pytest.raises(ValueError, match='process_id=2'):
+    distributed.initialize(bad)
+  # Alone, with no cluster around: nothing to join.
+  assert distributed.initialize(DistributedConfig()) is False
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  monkeypatch.setenv('SLURM_NTASKS', '16')
+  assert distributed._cluster_environment() == 'slurm'
+  monkeypatch.setenv('SLURM_NTASKS', '1')  # a one-task job is a single process
+  assert distributed._cluster_environment() is None
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', 'w0,w1,w2,w3')
+  assert distributed._cluster_environment() == 'tpu'
