@@ -5,6 +5,18 @@ Params and activations are annotated with logical names ('embed', 'mlp',
 `PartitionSpec` for the current mesh. Model code calls `constrain(x, axes)`
 at block boundaries; outside `use_mesh_rules(...)` it is a no-op, so the same
 model runs unsharded on one device with no code change.
+
+  mesh = make_mesh(cfg.mesh)                   # axes ('data', 'fsdp', 'tensor')
+  rules = rules_from_config(cfg.mesh)          # {'embed': 'fsdp', 'batch': ('data', 'fsdp'), ...}
+  shardings = param_shardings(jax.eval_shape(model.init, 0), mesh, rules)
+
+Parallelism comes from the rules alone: 'batch' over data (and fsdp) is data
+parallelism; 'embed' -> fsdp shards every weight along d_model (ZeRO-3 /
+FSDP: XLA all-gathers a layer's weights just before use and reduce-scatters
+its gradients); 'mlp'/'heads' -> tensor is Megatron-style tensor
+parallelism; 'seq' -> tensor shards the residual stream between blocks
+along the sequence (sequence parallelism). The stacked 'layers' axis stays
+unsharded so that the scan slices a layer locally.
 """
 
 from __future__ import annotations
