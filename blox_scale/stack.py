@@ -197,6 +197,16 @@ class Stack(bx.Module):
         )
     return self._run(params, x, xs, args, kwargs, per_layer=True)
 
+  def init(self, params: bx.Params, x: Any, *args: Any, **kwargs: Any) -> bx.Params:
+    """Only the lazy init of `stack(params, x, ...)`: the stacked block params, no run.
+
+    Returns `params` unchanged when the block params exist already. The
+    forward inside init is compiled away (one jitted, vmapped call).
+    """
+    if any(self._is_block(p) for p in params._data):
+      return params
+    return self._init(params, jax.tree.map(jnp.asarray, x), None, False, args, kwargs)
+
   @property
   def block_path(self) -> Path:
     """Where the stacked block params live: `graph.path + ('block',)`."""

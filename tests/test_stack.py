@@ -139,7 +139,7 @@ def test_scan_equals_loop_and_unrolled_reference(name):
   L = 3
   stack, _, params = build(cls, L)
   x = x_input()
-  _, params = stack(params, x)  # lazy init (+ one run)
+  params = stack.init(params, x)  # the stacked block params (no run)
   params = params.locked()
   loop, _, _ = build(cls, L, scan=False)
 
@@ -194,9 +194,8 @@ def test_unroll_and_nested_give_the_same_results():
   L = 6
   stack, _, params = build(RawMLP, L)
   x = x_input()
-  _, params = stack(params, x)
-  params = params.locked()
-  (l0, (y0, _)), g0 = loss_and_state(stack, params, x)
+  params = stack.init(params, x).locked()
+  (l0, (y0, _)), g0 = jax.jit(lambda p, x: loss_and_state(stack, p, x))(params, x)
   for kw in [dict(unroll=2), dict(nested=True), dict(nested=3, unroll=3)]:
     other, _, _ = build(RawMLP, L, **kw)
     (l1, (y1, _)), g1 = jax.jit(lambda p, x: loss_and_state(other, p, x))(params, x)
@@ -352,7 +351,7 @@ def test_train_step_traces_once_and_leaf_count_is_independent_of_depth():
   for L in (2, 8):
     stack, _, params = build(DropBN, L)
     x = x_input()
-    _, params = stack(params, x)
+    params = stack.init(params, x)
     leaves[L] = len(jax.tree.leaves(params.locked()))
     traces = []
 
@@ -526,7 +525,7 @@ def test_error_nested_group_size_must_divide():
 
 def test_error_params_differ_between_layers():
   stack, _, params = build(RawMLP, 3)
-  _, params = stack(params, x_input())
+  params = stack.init(params, x_input())
   bad = _replace(params, ('m', 'stack', 'block', 'w1'), params[('m', 'stack', 'block', 'w1')].value[:2])
   with pytest.raises(ValueError, match=r'm/stack/block/w1 has shape \(2, 4, 6\).*num_layers=3'):
     stack(bad, x_input())
