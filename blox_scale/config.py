@@ -114,7 +114,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """orbax checkpoints: cadence, retention, resume."""
-  every: int = field(100, 'Save every N steps (and at the end).')
+  every: int = field(100, 'Save every N steps and at the end (0: no checkpoints, e.g. for benchmarks).')
   keep: int = field(3, 'Keep the last K checkpoints.')
   keep_every: int = field(0, 'Also keep every M-th step forever (0 disables).')
   async_save: bool = field(True, 'Save in the background, off the training critical path.')

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -116,10 +117,11 @@ class Throughput:
   eval time excluded (`pause()`/`resume()` around them).
   """
 
-  def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+  def __init__(self, tokens_per_step: int, flops_per_token: float, mfu: Callable[[float], float]):
+    """mfu: tokens/s -> model FLOPs utilisation of all devices (`blox_scale.flops.mfu`)."""
     self.tokens_per_step = tokens_per_step
     self.flops_per_token = flops_per_token
-    self.peak_flops = peak_flops  # all devices together
+    self.mfu = mfu
     self._start = time.perf_counter()
     self._steps = 0
     self._excluded = 0.0
@@ -145,7 +147,7 @@ class Throughput:
         'step_time_s': elapsed / steps,
         'tokens_per_sec': tokens_per_sec,
         'flops_per_sec': achieved,
-        'mfu': achieved / self.peak_flops if self.peak_flops > 0 else 0.0,
+        'mfu': float(self.mfu(tokens_per_sec)),
     }
 
 

@@ -138,7 +138,6 @@ def train(config: Config) -> int:
   compile_s = time.perf_counter() - t0
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
-  peak = flops.device_peak_flops(jax.devices()[0]) * jax.device_count()
   writer = MetricsWriter(workdir, enabled=primary)
   memory = memory_report(compiled)
   writer.write({'kind': 'start', 'step': step, 'compile_time_s': compile_s, 'num_params': num_params,
@@ -150,10 +149,12 @@ def train(config: Config) -> int:
   stop_signal: list[int] = []
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
   progress = Progress(cfg.train.steps, step, enabled=primary and cfg.train.progress)
-  throughput = Throughput(tokens_per_step, flops_per_token, peak)
+  throughput = Throughput(tokens_per_step, flops_per_token,
+                          lambda tokens_per_sec: flops.mfu(tokens_per_sec, flops_per_token, jax.device_count()))
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics since the last log (no sync per step)
   exit_code = EXIT_OK
   last_eval = -1
+  saved = {step} if latest is not None else set()
 
   def flush() -> None:
     """Reads the pending metrics (one device sync), logs them, raises on non-finite."""
@@ -163,7 +164,7 @@ def train(config: Config) -> int:
     rates = throughput.read()
     bad = [s for (s, _), v in zip(pending, values) if not bool(v['finite'])]
     last_step, last = pending[-1][0], values[-1]
-    record = {'kind': 'train', 'step': last_step,
+    record = {'kind': 'train', 'step': last_step, 'time': time.time(),
               'loss': float(np.mean([v['loss'] for v in values])),
               'learning_rate': float(last.get('learning_rate', schedule(last_step - 1))),
               'grad_norm': float(last['grad_norm']), **rates}
@@ -181,9 +182,21 @@ def train(config: Config) -> int:
 
   def save(at: int) -> None:
     flush()  # any non-finite step since the last log raises here, before saving
+    if at in saved or not cfg.checkpoint.every:
+      return
     if not bool(all_finite(state.params)):
       raise NonFiniteError(f'params are not finite at step {at}; not checkpointing them.')
     checkpoints.save(at, state, data.train.get_state())
+    saved.add(at)
+
+  def should_stop() -> bool:
+    """SIGTERM seen (by any process: all must stop at the same step to save together)."""
+    if jax.process_count() == 1:
+      return bool(stop_signal)
+    if step % cfg.train.log_every:  # agree only at log steps: one tiny all-gather, not one per step
+      return False
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(bool(stop_signal))).max())
 
   try:
     while step < cfg.train.steps:
@@ -202,11 +215,11 @@ def train(config: Config) -> int:
         if eval_loss is not None:
           writer.write({'kind': 'eval', 'step': step, 'eval_loss': eval_loss})
           progress.write(f'step {step}: eval loss {eval_loss:.4f}')
-      if step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+      if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
         paused = throughput.pause()
         save(step)
         throughput.resume(paused)
-      if stop_signal:
+      if should_stop():
         progress.write(f'SIGTERM at step {step}: saving a checkpoint and exiting.')
         break
 
@@ -214,8 +227,9 @@ def train(config: Config) -> int:
     save(step)
     checkpoints.wait()
     progress.close()
-    log(f'saved checkpoint {checkpoints.directory}/{step}')
-    if stop_signal:
+    if cfg.checkpoint.every:
+      log(f'saved checkpoint {checkpoints.directory}/{step}')
+    if stop_signal or step < cfg.train.steps:
       return EXIT_OK
     if cfg.train.eval_every and last_eval != step:
       eval_loss = evaluate(eval_step, state.params, data, mesh, rules)
