@@ -281,13 +281,18 @@ def _same_pads(size, k, stride, dil):
   return (total // 2, total - total // 2)
 
 
-def ref_conv(x, kernel, strides, padding, dilation, groups):
+def ref_conv(x, kernel, strides, padding, dilation, groups, input_dilation=None):
   """Direct convolution: sum over kernel offsets of strided input slices.
 
   x: [b, *spatial, c_in]; kernel: [*k, c_in // groups, c_out].
+  `input_dilation` first spreads the input out with zeros between entries.
   """
   n = kernel.ndim - 2
   ks = kernel.shape[:n]
+  if input_dilation is not None:
+    spread = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1], input_dilation)]
+    index = (slice(None),) + tuple(slice(None, None, d) for d in input_dilation)
+    x = jnp.zeros((x.shape[0], *spread, x.shape[-1]), x.dtype).at[index].set(x)
   if padding == 'SAME':
     padding = [_same_pads(x.shape[1 + d], ks[d], strides[d], dilation[d]) for d in range(n)]
   elif padding == 'VALID':
@@ -310,7 +315,8 @@ def ref_conv(x, kernel, strides, padding, dilation, groups):
 CONV_CASES = [
     dict(kernel_size=(3, 3), strides=1, padding='SAME', kernel_dilation=1, feature_group_count=1),
     dict(kernel_size=(3, 2), strides=(2, 1), padding='VALID', kernel_dilation=1, feature_group_count=1),
-    dict(kernel_size=(2, 2), strides=1, padding=((1, 0), (2, 1)), kernel_dilation=(2, 1), feature_group_count=2),
+    dict(kernel_size=(2, 2), strides=1, padding=((1, 0), (2, 1)), kernel_dilation=(2, 1), feature_group_count=2,
+         input_dilation=(1, 2)),
     dict(kernel_size=3, strides=2, padding='SAME', kernel_dilation=1, feature_group_count=1),  # 1-d
 ]
 
@@ -325,7 +331,8 @@ def test_conv(case, dtype):
   make = lambda g, rng, dt: bx.Conv(g, output_channels=6, rng=rng, bias_init=_bias_nonzero(), dtype=dt, **kw)
 
   def ref(w, x):
-    y = ref_conv(x, w['kernel'], tup(kw['strides']), kw['padding'], tup(kw['kernel_dilation']), kw['feature_group_count'])
+    y = ref_conv(x, w['kernel'], tup(kw['strides']), kw['padding'], tup(kw['kernel_dilation']), kw['feature_group_count'],
+                 tup(kw.get('input_dilation', 1)))
     return y + w['bias'].reshape((1,) * (y.ndim - 1) + (-1,))
 
   params = check_layer(make, x, ref, dtype=dtype)
@@ -468,3 +475,10 @@ def test_sequential(dtype):
     return h @ w['l2/kernel'] + w['l2/bias'][None, :]
 
   check_layer(make, _x((4, 5)), ref, dtype=dtype)
+
+
+def test_sequential_accepts_a_mapping():
+  g = bx.Graph('net')
+  seq = bx.Sequential(g.child('seq'), {'double': lambda x: 2 * x, 'neg': jnp.negative})
+  y, _ = seq(bx.Params(), jnp.ones(3))
+  tree_allclose(y, -2 * jnp.ones(3))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -13,10 +13,15 @@ from blox.params import Params
 
 class Sequential(Module):
   """Chains layers: blox Modules are called as `x, params = layer(params, x)`,
-  plain callables (e.g. `jax.nn.relu`) as `x = f(x)`."""
+  plain callables (e.g. `jax.nn.relu`) as `x = f(x)`. `layers` is a sequence,
+  or a mapping whose values are applied in order (its keys are only labels;
+  param paths come from each module's own graph node)."""
 
-  def __init__(self, graph: Graph, layers: Sequence[Module | Callable[[jax.Array], jax.Array]]) -> None:
+  def __init__(self, graph: Graph,
+               layers: Sequence[Module | Callable[[jax.Array], jax.Array]] | Mapping[str, Module | Callable]) -> None:
     super().__init__(graph)
+    if isinstance(layers, Mapping):
+      layers = list(layers.values())
     for i, layer in enumerate(layers):
       if not callable(layer):
         raise TypeError(
