@@ -161,6 +161,9 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
       loss, (metrics, params) = model.loss(t.merge(rest), batch, is_training=True)
       return loss, (metrics, params)
     (loss, (metrics, params)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    # Gradients live in their param's shards: XLA then reduce-scatters them
+    # instead of all-reducing whole gradients (and the accumulator stays sharded).
+    grads = jax.lax.with_sharding_constraint(grads, param_shardings(grads, mesh, rules))
     _, new_rest = params.split()  # non-trainable state the model updated (RNG counters, ...)
     weight = jnp.asarray(metrics.get('tokens', 1.0), jnp.float32)
     return loss, metrics, grads, new_rest, weight
@@ -180,6 +183,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
     first = jax.tree.map(lambda x: x[0], micro)
     _, metrics_shape, _, _, _ = jax.eval_shape(loss_and_grad, trainable, rest, first)
     zeros = jax.tree.map(jnp.zeros_like, trainable)
+    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings(zeros, mesh, rules))
     metric_zeros = {n: jnp.zeros((), jnp.float32) for n in metrics_shape}
     carry = (zeros, rest, jnp.zeros((), jnp.float32), metric_zeros, jnp.zeros((), jnp.float32))
     (grad_sum, rest, loss_sum, metric_sums, weight_sum), _ = jax.lax.scan(body, carry, micro)
