@@ -27,13 +27,10 @@ uint32 key data and re-wrapped on restore.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 

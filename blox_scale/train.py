@@ -27,7 +27,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ import numpy as np
 import blox as bx
 from blox_scale import distributed, flops
 from blox_scale.checkpoint import Checkpointer, save_config
-from blox_scale.config import Config, ConfigError, load_config, to_yaml
+from blox_scale.config import Config, ConfigError, load_config
 from blox_scale.data import build_data
 from blox_scale.metrics import MetricsWriter, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
 from blox_scale.models import DecoderLM

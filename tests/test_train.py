@@ -1,6 +1,5 @@
 """blox-train end to end: learning, exact resume after SIGKILL, SIGTERM, non-finite stop, CLI errors."""
 
-import json
 import os
 import random
 import signal
@@ -9,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
