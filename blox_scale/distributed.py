@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from blox_scale.sharding import Rules, batch_sharding
+from blox_scale.sharding import Rules, batch_sharding, num_batch_shards
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,11 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh, rules: Rules) -> sli
   process's devices. With `jax.make_mesh` device order they are contiguous
   (an error says so if a custom device order breaks that).
   """
+  shards = num_batch_shards(mesh, rules)
+  if global_batch_size % shards:
+    raise ValueError(
+        f'data.batch_size={global_batch_size} is not divisible by the {shards} batch shards of the mesh '
+        f'({dict(mesh.shape)}, batch -> {rules.get("batch")}); use a multiple of {shards}.')
   sharding = batch_sharding(mesh, rules, 1)
   index_map = sharding.addressable_devices_indices_map((global_batch_size,))
   rows: set[int] = set()

@@ -148,3 +148,5 @@ def test_batch_sharding_and_global_batch_on_one_process():
   assert batch['inputs'].sharding.is_equivalent_to(NamedSharding(mesh, P(('data', 'fsdp'), None)), 2)
   np.testing.assert_array_equal(np.asarray(batch['inputs']), local['inputs'])
   assert distributed.is_primary()
+  with pytest.raises(ValueError, match=r'data.batch_size=6 is not divisible by the 4 batch shards'):
+    distributed.process_batch_slice(6, mesh, RULES)
