@@ -482,3 +482,39 @@ def test_sequential_accepts_a_mapping():
   seq = bx.Sequential(g.child('seq'), {'double': lambda x: 2 * x, 'neg': jnp.negative})
   y, _ = seq(bx.Params(), jnp.ones(3))
   tree_allclose(y, -2 * jnp.ones(3))
+
+
+# -- same seed, same numbers as jax-blox 0.1.6 -----------------------------------
+
+
+def test_init_numbers_match_jax_blox_for_the_same_seed():
+  """Golden values printed by jax-blox 0.1.6 for this exact model and seed 7.
+
+  Equal numbers need the same key-drawing order: one key per param in
+  creation order, zeros biases included.
+  """
+  g = bx.Graph('net')
+  rng = bx.Rng(g.child('rng'))
+  lin = bx.Linear(g.child('lin'), 3, rng=rng, bias_init=jax.nn.initializers.normal(1.0))
+  emb = bx.Embed(g.child('emb'), 5, 3, rng=rng)
+  conv = bx.Conv(g.child('conv'), (2, 2), 2, rng=rng)
+  lstm = bx.LSTM(g.child('lstm'), 2, rng=rng)
+  p = rng.seed(bx.Params(), seed=7)
+  x = jnp.ones((1, 2, 2, 3))
+  _, p = lin(p, x[:, 0, 0])
+  _, p = emb(p, jnp.array([1]))
+  _, p = conv(p, x)
+  _, p = lstm.apply(p, jnp.ones((1, 2, 3)))
+  golden = {
+      ('net', 'rng', 'counter'): [7],
+      ('net', 'lin', 'kernel'): [0.682119, 0.088705, -0.325928, -0.270523],
+      ('net', 'lin', 'bias'): [0.454134, 0.939163, -0.268943],
+      ('net', 'emb', 'embedding'): [-0.47365, -0.374214, -1.038875, 1.176943],
+      ('net', 'conv', 'kernel'): [-0.228052, -0.149019, 0.251611, 0.027285],
+      ('net', 'conv', 'bias'): [0.0, 0.0],
+      ('net', 'lstm', 'gates', 'kernel'): [0.308305, -0.011504, -0.502777, -0.384734],
+      ('net', 'lstm', 'gates', 'bias'): [0.0, 0.0, 0.0, 0.0],
+  }
+  for path, expected in golden.items():
+    got = np.asarray(p[path].value, np.float64).ravel()[:len(expected)]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6, err_msg='/'.join(path))
