@@ -16,6 +16,7 @@ import pytest
 import blox as bx
 from blox_scale.nn import MLP, Attention, TransformerBlock, apply_rope, attention_mask
 from helpers import tree_allclose
+from lm_helpers import fill_params
 
 BF16 = jnp.bfloat16
 F32_TOLS = dict(rtol=1e-5, atol=1e-5)
@@ -101,31 +102,41 @@ def _round(tree, dtype):
 def check(make, ref, x, dtype, *, call=None, bf16_atol=2e-2):
   """Module vs reference: outputs and gradients (params and x) with a random cotangent.
 
-  Both sides run under jax.jit (one compile each instead of op-by-op dispatch).
+  Params come from `fill_params` over the module's abstract params (no
+  compiled init); each side runs its forward and backward in ONE jit.
   """
   call = call or (lambda m, p, x: m(p, x))
   g = bx.Graph('net')
   rng = bx.Rng(g.child('rng'))
   module = make(g.child('m'), rng, dtype)
-  # Jitted init: one XLA compile instead of op-by-op dispatch of every
-  # random draw (threefry is slow to compile on CPU).
-  params = jax.jit(lambda p, x: call(module, p, x)[1])(rng.seed(bx.Params(), seed=0), x)
-  trainable, rest = params.locked().split()
+  seeded = rng.seed(bx.Params(), seed=0)
+  params = fill_params(jax.eval_shape(lambda p, x: call(module, p, x)[1], seeded, x).locked())
+  trainable, rest = params.split()
   names = lambda tree: {'/'.join(k[2:]): v.value for k, v in tree.items()}
+  w = _round(names(trainable), dtype)
+  x_in = _round(x, dtype)
 
-  y = jax.jit(lambda t, x: call(module, t.merge(rest), x)[0])(trainable, x)
-  w = names(trainable)
-  y_ref = jax.jit(ref)(_round(w, dtype), _round(x, dtype))
+  forward = lambda t, x: call(module, t.merge(rest), x)[0]
+  y_shape = jax.eval_shape(forward, trainable, x)
+  ct = jax.random.normal(jax.random.key(7), y_shape.shape, jnp.float32)
+
+  @jax.jit
+  def module_side(t, x):
+    y, vjp = jax.vjp(forward, t, x)
+    return y, vjp(ct.astype(y.dtype))
+
+  @jax.jit
+  def ref_side(w, x):
+    y, vjp = jax.vjp(ref, w, x)
+    return y, vjp(ct)
+
+  y, (g_params, g_x) = module_side(trainable, x)
+  y_ref, (r_params, r_x) = ref_side(w, x_in)
   tols = F32_TOLS if dtype is None else dict(rtol=2e-2, atol=bf16_atol)
   assert y.shape == y_ref.shape
   assert y.dtype == (x.dtype if dtype is None else dtype)
   tree_allclose(y, y_ref, **tols)
 
-  ct = jax.random.normal(jax.random.key(7), y.shape, jnp.float32)
-  loss = lambda t, x: jnp.sum(call(module, t.merge(rest), x)[0].astype(jnp.float32) * ct)
-  g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable, x)
-  ref_loss = lambda w, x: jnp.sum(ref(w, x) * ct)
-  r_params, r_x = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(_round(w, dtype), _round(x, dtype))
   g_params = names(g_params)
   assert all(v.dtype == jnp.float32 for v in g_params.values()), 'param grads must be f32'
   assert sorted(g_params) == sorted(r_params)
@@ -154,13 +165,13 @@ def _positions():
 
 
 def test_rope_matches_complex_rotation_and_keeps_norms():
-  x = jax.random.normal(jax.random.key(1), (B, T, 3, 8))
-  y = apply_rope(x, _positions(), 10000.0)
+  x = np.random.default_rng(1).standard_normal((B, T, 3, 8)).astype(np.float32)
+  y = jax.jit(apply_rope, static_argnums=2)(x, _positions(), 10000.0)
   tree_allclose(y, ref_rope(x, 10000.0), **F32_TOLS)
-  tree_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), **F32_TOLS)
+  tree_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), **F32_TOLS)
   # q.k depends only on the position difference.
   q, k = x[:1, :1, :1], x[1:, :1, :1]
-  dot = lambda i, j: jnp.sum(apply_rope(q, jnp.full((1, 1), i), 1e4) * apply_rope(k, jnp.full((1, 1), j), 1e4))
+  dot = jax.jit(lambda i, j: jnp.sum(apply_rope(q, jnp.full((1, 1), i), 1e4) * apply_rope(k, jnp.full((1, 1), j), 1e4)))
   np.testing.assert_allclose(dot(3, 1), dot(10, 8), rtol=1e-4)
   with pytest.raises(ValueError, match='even head_dim'):
     apply_rope(jnp.ones((1, 1, 1, 3)), jnp.zeros((1, 1), jnp.int32), 1e4)
@@ -198,21 +209,28 @@ def test_attention_cache_path_equals_full_sequence():
   """Prefill 4 tokens then 3 single steps through the cache == one causal pass."""
   g = bx.Graph('net')
   rng = bx.Rng(g.child('rng'))
-  attn = Attention(g.child('m'), 4, rng, num_kv_heads=2, sliding_window=3, init_std=0.3)
+  attn = Attention(g.child('m'), 4, rng, num_kv_heads=2, sliding_window=3)
   x = _x()
-  y_full, params = attn(rng.seed(bx.Params(), seed=0), x, _positions())
-  cache = {'k': jnp.zeros((B, T, 2, 4)), 'v': jnp.zeros((B, T, 2, 4))}
-  valid = jnp.ones((B, T), bool)
-  pieces, start = [], 0
-  for length in (4, 1, 1, 1):
-    slots = start + jnp.arange(length)
-    mask = attention_mask(slots, valid, 3)
-    (y, new), _ = attn(params, x[:, start:start + length], _positions()[:, start:start + length], cache,
-                       mask=mask, cache_index=start)
-    cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, start, 0, 0)) for n in cache}
-    pieces.append(y)
-    start += length
-  tree_allclose(jnp.concatenate(pieces, axis=1), y_full, **F32_TOLS)
+  seeded = rng.seed(bx.Params(), seed=0)
+  params = fill_params(jax.eval_shape(lambda p: attn(p, x, _positions())[1], seeded))
+
+  @jax.jit
+  def both(params, x):
+    y_full, _ = attn(params, x, _positions())
+    cache = {'k': jnp.zeros((B, T, 2, 4)), 'v': jnp.zeros((B, T, 2, 4))}
+    valid = jnp.ones((B, T), bool)
+    pieces, start = [], 0
+    for length in (4, 1, 1, 1):
+      slots = start + jnp.arange(length)
+      (y, new), _ = attn(params, x[:, start:start + length], _positions()[:, start:start + length], cache,
+                         mask=attention_mask(slots, valid, 3), cache_index=start)
+      cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, start, 0, 0)) for n in cache}
+      pieces.append(y)
+      start += length
+    return jnp.concatenate(pieces, axis=1), y_full
+
+  stepped, full = both(params, x)
+  tree_allclose(stepped, full, **F32_TOLS)
 
 
 def test_attention_mask_rules():
@@ -270,15 +288,21 @@ def test_block_tags_checkpoint_names_and_dropout():
   g = bx.Graph('net')
   rng = bx.Rng(g.child('rng'))
   block = TransformerBlock(g.child('b'), d_model=D, num_heads=4, mlp_dim=32, rng=rng, dropout_rate=0.5)
-  _, params = block(rng.seed(bx.Params(), seed=0), _x())
+  params = fill_params(jax.eval_shape(lambda p: block(p, _x())[1], rng.seed(bx.Params(), seed=0)))
   text = str(jax.make_jaxpr(lambda p, x: block(p, x)[0])(params, _x()))
   for name in ('qkv', 'attn_out', 'mlp_hidden', 'mlp_out'):
     assert f'name={name}' in text, name
-  y_eval, _ = block(params, _x(), is_training=False)
-  y_a, p_a = block(params, _x(), is_training=True)
-  y_b, _ = block(p_a, _x(), is_training=True)
+
+  @jax.jit
+  def runs(params, x):
+    y_eval, _ = block(params, x, is_training=False)
+    y_a, p_a = block(params, x, is_training=True)
+    y_b, _ = block(p_a, x, is_training=True)
+    y_again, _ = block(params, x, is_training=True)
+    return y_eval, y_a, y_b, y_again
+
+  y_eval, y_a, y_b, y_again = runs(params, _x())
   assert not np.allclose(y_eval, y_a) and not np.allclose(y_a, y_b)  # masks differ per call
-  y_again, _ = block(params, _x(), is_training=True)
   tree_allclose(y_a, y_again, rtol=0, atol=0)                         # same counter -> same mask
 
 
