@@ -518,3 +518,35 @@ def test_init_numbers_match_jax_blox_for_the_same_seed():
   for path, expected in golden.items():
     got = np.asarray(p[path].value, np.float64).ravel()[:len(expected)]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6, err_msg='/'.join(path))
+
+
+# -- statistics across a named axis -------------------------------------------------
+
+
+def test_cross_lane_statistics_equal_full_data_statistics():
+  """vmap lanes hold shards of the data; with axis_name the norms see all of it.
+
+  The per-lane means differ on purpose: averaging per-lane variances (jax-blox)
+  would be wrong here.
+  """
+  x = _x((4, 6, 8)) + jnp.arange(4.0)[:, None, None]  # lane l is offset by l
+  full = x.reshape(24, 8)
+  g = bx.Graph('net')
+  bn = bx.BatchNorm(g.child('bn'), axis_name='lanes')
+  ln = bx.LayerNorm(g.child('ln'), axis_name='lanes')
+  rms = bx.RMSNorm(g.child('rms'), axis_name='lanes')
+  plain_bn = bx.BatchNorm(g.child('plain_bn'))
+
+  y_bn, p_bn = jax.vmap(lambda x: bn(bx.Params(), x), axis_name='lanes', out_axes=(0, None))(x)
+  y_ref, p_ref = plain_bn(bx.Params(), full)
+  tree_allclose(y_bn.reshape(24, 8), y_ref, **F32_TOLS)
+  tree_allclose(p_bn[('net', 'bn', 'running_var')].value, p_ref[('net', 'plain_bn', 'running_var')].value, **F32_TOLS)
+
+  # LayerNorm / RMSNorm over features sharded across lanes: [batch, 8] as 4 lanes of [batch, 2].
+  feats = jnp.moveaxis(full.reshape(24, 4, 2), 1, 0)  # [lanes, batch, 2]
+  y_ln, _ = jax.vmap(lambda x: ln(bx.Params(), x), axis_name='lanes', out_axes=(0, None))(feats)
+  y_rms, _ = jax.vmap(lambda x: rms(bx.Params(), x), axis_name='lanes', out_axes=(0, None))(feats)
+  unshard = lambda y: jnp.moveaxis(y, 0, 1).reshape(24, 8)  # noqa: E731
+  ones, zeros = jnp.ones(8), jnp.zeros(8)
+  tree_allclose(unshard(y_ln), _ref_layer_norm({'scale': ones, 'bias': zeros}, full[None])[0], **F32_TOLS)
+  tree_allclose(unshard(y_rms), _ref_rms_norm({'scale': ones}, full[None])[0], **F32_TOLS)

@@ -23,10 +23,19 @@ from blox.rng import Rng
 Initializer = jax.nn.initializers.Initializer
 
 
-def _pmean(x: jax.Array, axis_name: str | None, groups: Sequence[Sequence[int]] | None) -> jax.Array:
+def _moments(x: jax.Array, axes: int | tuple[int, ...], axis_name: str | None,
+             groups: Sequence[Sequence[int]] | None, keepdims: bool) -> tuple[jax.Array, jax.Array]:
+  """Mean and variance of `x` over `axes`, and across `axis_name` if given.
+
+  Across devices the variance is `E[x^2] - E[x]^2` of the averaged moments:
+  averaging per-device variances (what jax-blox did) is wrong whenever the
+  per-device means differ. Locally the two-pass `var` is kept (more accurate).
+  """
   if axis_name is None:
-    return x
-  return jax.lax.pmean(x, axis_name, axis_index_groups=groups)
+    return jnp.mean(x, axis=axes, keepdims=keepdims), jnp.var(x, axis=axes, keepdims=keepdims)
+  mean = jax.lax.pmean(jnp.mean(x, axis=axes, keepdims=keepdims), axis_name, axis_index_groups=groups)
+  mean_sq = jax.lax.pmean(jnp.mean(jnp.square(x), axis=axes, keepdims=keepdims), axis_name, axis_index_groups=groups)
+  return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
 class _Norm(Module):
@@ -98,8 +107,7 @@ class LayerNorm(_Norm):
   def __call__(self, params: Params, inputs: jax.Array) -> tuple[jax.Array, Params]:
     """`inputs: [..., features]` -> same shape."""
     x = cast(inputs, stats_dtype(inputs))
-    mean = _pmean(jnp.mean(x, axis=-1, keepdims=True), self.axis_name, self.axis_index_groups)
-    var = _pmean(jnp.var(x, axis=-1, keepdims=True), self.axis_name, self.axis_index_groups)
+    mean, var = _moments(x, -1, self.axis_name, self.axis_index_groups, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     return self._affine(params, y, inputs, inputs.shape[-1], self.use_scale, self.use_bias)
 
@@ -138,7 +146,9 @@ class RMSNorm(_Norm):
   def __call__(self, params: Params, inputs: jax.Array) -> tuple[jax.Array, Params]:
     """`inputs: [..., features]` -> same shape."""
     x = cast(inputs, stats_dtype(inputs))
-    mean_sq = _pmean(jnp.mean(jnp.square(x), axis=-1, keepdims=True), self.axis_name, self.axis_index_groups)
+    mean_sq = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    if self.axis_name is not None:
+      mean_sq = jax.lax.pmean(mean_sq, self.axis_name, axis_index_groups=self.axis_index_groups)
     y = x * jax.lax.rsqrt(mean_sq + self.epsilon)
     return self._affine(params, y, inputs, inputs.shape[-1], self.use_scale, False)
 
@@ -149,7 +159,8 @@ class BatchNorm(_Norm):
   `inputs: [batch, *spatial, features]`. Training uses the batch statistics
   and returns params with updated running averages
   (`running = momentum * running + (1 - momentum) * batch_stat`); inference
-  (`is_training=False`) uses the running averages.
+  (`is_training=False`) uses the running averages. With `axis_name` the
+  statistics cover the whole batch across that axis (devices or vmap lanes).
 
   Params: running_mean, running_var (non-trainable, float32), scale, bias:
   all [features], axes ('norm',). Running statistics stay float32 whatever
@@ -206,8 +217,7 @@ class BatchNorm(_Norm):
     x = cast(inputs, stats_dtype(inputs))
     if is_training:
       axes = tuple(range(inputs.ndim - 1))
-      mean = _pmean(jnp.mean(x, axis=axes), self.axis_name, self.axis_index_groups)
-      var = _pmean(jnp.var(x, axis=axes), self.axis_name, self.axis_index_groups)
+      mean, var = _moments(x, axes, self.axis_name, self.axis_index_groups, keepdims=False)
       # Running averages are state, not part of the differentiated function.
       m = self.momentum
       new_mean = m * running_mean + (1.0 - m) * jax.lax.stop_gradient(mean).astype(jnp.float32)
