@@ -114,10 +114,8 @@ def test_dynamic_apply_uses_one_scan_when_locked():
   _, params = lstm.apply(rng.seed(bx.Params(), seed=0), xs)
   jaxpr = jax.make_jaxpr(lambda p, x: lstm.apply(p, x))(params.locked(), xs)
   assert str(jaxpr).count('scan[') == 1
-  unrolled = jax.make_jaxpr(lambda p, x: lstm.apply(p, x))
   _, _, static = _build(bx.LSTM, is_static=True)
   assert 'scan[' not in str(jax.make_jaxpr(lambda p, x: static.apply(p, x))(params.locked(), xs))
-  del unrolled
 
 
 def test_step_call_and_initial_state():
