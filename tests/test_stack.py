@@ -191,15 +191,17 @@ def _reset_stats(params):
 
 
 def test_unroll_and_nested_give_the_same_results():
+  """Dropout keys and BatchNorm statistics too: layer i is layer i in every schedule."""
   L = 6
-  stack, _, params = build(RawMLP, L)
+  stack, _, params = build(DropBN, L)
   x = x_input()
   params = stack.init(params, x).locked()
-  (l0, (y0, _)), g0 = jax.jit(lambda p, x: loss_and_state(stack, p, x))(params, x)
+  (l0, (y0, p0)), g0 = jax.jit(lambda p, x: loss_and_state(stack, p, x))(params, x)
   for kw in [dict(unroll=2), dict(nested=True), dict(nested=3, unroll=3)]:
-    other, _, _ = build(RawMLP, L, **kw)
-    (l1, (y1, _)), g1 = jax.jit(lambda p, x: loss_and_state(other, p, x))(params, x)
+    other, _, _ = build(DropBN, L, **kw)
+    (l1, (y1, p1)), g1 = jax.jit(lambda p, x: loss_and_state(other, p, x))(params, x)
     tree_allclose(y1, y0)
+    tree_allclose(vals(p1), vals(p0))
     tree_allclose(g1.values_dict(), g0.values_dict())
 
 
