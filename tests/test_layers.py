@@ -180,10 +180,9 @@ def test_norm_statistics_are_float32_for_bf16_inputs():
   ref = _ref_layer_norm({'scale': jnp.ones(64), 'bias': jnp.zeros(64)}, x.astype(jnp.float32)[None])[0]
   assert y.dtype == BF16
   tree_allclose(y, ref, **bf16_tols())
-  # The jaxpr reduces in float32.
-  jaxpr = str(jax.make_jaxpr(lambda x: ln(bx.Params(), x)[0])(x))
-  assert 'reduce_sum[axes=(1,) out_sharding=None] ' in jaxpr or 'reduce_sum' in jaxpr
-  assert 'bf16[4,1] = reduce_sum' not in jaxpr.replace('  ', ' ')
+  # Every reduction in the jaxpr produces float32.
+  sums = [line for line in str(jax.make_jaxpr(lambda x: ln(bx.Params(), x)[0])(x)).splitlines() if 'reduce_sum' in line]
+  assert sums and all(':f32[' in line for line in sums), sums
 
 
 def test_norm_default_dtype_promotes_like_jax_blox():
