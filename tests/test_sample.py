@@ -15,6 +15,7 @@ from blox_scale.config import Config, ModelConfig
 from blox_scale.models import DecoderLM
 from blox_scale.sample import generate, left_pad, main, sample_logits
 from helpers import tree_allclose
+from lm_helpers import fill_params
 
 # Untied head and a large init so that greedy continuations actually vary
 # (a tiny tied model at std 0.02 just repeats its last token).
@@ -26,7 +27,7 @@ PROMPTS = [[5, 17, 3, 44, 9, 1, 30], [12, 7], [50, 2, 2, 8, 60, 33, 21, 4, 4, 19
 @functools.lru_cache(maxsize=None)
 def _setup(config):
   model = DecoderLM(bx.Graph('lm'), config)
-  return model, jax.jit(model.init)(0)
+  return model, fill_params(jax.eval_shape(model.init, 0), std=config.init_std)
 
 
 def _greedy_by_rerunning(model, params, prompts, steps):
