@@ -97,7 +97,7 @@ def initialize(cfg: Any = None) -> bool:
   address = _setting(cfg.coordinator_address, '', ENV_COORDINATOR, str)
   num = _setting(cfg.num_processes, 0, ENV_NUM_PROCESSES, int)
   pid = _setting(cfg.process_id, -1, ENV_PROCESS_ID, int)
-  timeouts = dict(initialization_timeout=cfg.initialization_timeout,
+  timeouts: dict[str, Any] = dict(initialization_timeout=cfg.initialization_timeout,
                   heartbeat_timeout_seconds=cfg.heartbeat_timeout,
                   shutdown_timeout_seconds=cfg.shutdown_timeout)
 
@@ -111,6 +111,11 @@ def initialize(cfg: Any = None) -> bool:
       _initialized = True
       return False
     _cpu_collectives()
+    host = address.rsplit(':', 1)[0]
+    if host in ('127.0.0.1', 'localhost', '[::1]'):
+      # A local run: the coordinator listens on loopback only (by default it
+      # binds every interface).
+      timeouts['coordinator_bind_address'] = address
     jax.distributed.initialize(address, num, pid, cluster_detection_method='deactivate', **timeouts)
   else:
     method = cfg.cluster_detection
