@@ -245,6 +245,8 @@ def test_attention_mask_rules():
 def test_attention_rejects_bad_head_counts():
   with pytest.raises(ValueError, match='multiple of num_kv_heads=3'):
     Attention(bx.Graph('n').child('a'), 4, None, num_kv_heads=3)
+  with pytest.raises(ValueError, match="implementation='flash' is not one of"):
+    Attention(bx.Graph('n').child('a'), 4, None, implementation='flash')
 
 
 @pytest.mark.parametrize('activation,bias,dtype', [

@@ -79,7 +79,8 @@ class DecoderLM:
   stream's variance at init does not grow with depth.
   """
 
-  def __init__(self, graph: bx.Graph, config: ModelConfig) -> None:
+  def __init__(self, graph: bx.Graph, config: ModelConfig, *, attention_impl: str | None = None) -> None:
+    """`attention_impl`: None (XLA, any platform) or 'cudnn' (NVIDIA flash attention, bf16)."""
     if not isinstance(config, ModelConfig):
       raise TypeError(f'DecoderLM: config must be a ModelConfig (cfg.model), got {type(config).__name__}.')
     c = config
@@ -104,7 +105,8 @@ class DecoderLM:
         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, mlp_activation=c.mlp_activation, norm=c.norm,
         norm_eps=c.norm_eps, qk_norm=c.qk_norm, use_rope=c.position == 'rope', rope_theta=c.rope_theta,
         sliding_window=c.sliding_window, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
-        init_std=c.init_std, out_init_std=out_std, param_dtype=self.param_dtype, dtype=self.dtype)
+        init_std=c.init_std, out_init_std=out_std, attention_impl=attention_impl,
+        param_dtype=self.param_dtype, dtype=self.dtype)
     self.layers = Stack(graph.child('layers'), block, c.num_layers, rng=self.rng, remat=c.remat,
                         remat_names=c.remat_names, scan=c.scan_layers)
     self.final_norm = make_norm(graph.child('final_norm'), c.norm, c.norm_eps, self.param_dtype, self.dtype)

@@ -92,6 +92,7 @@ class Attention(bx.Module):
       sliding_window: int = 0,
       init_std: float = 0.02,
       out_init_std: float | None = None,
+      implementation: str | None = None,
       param_dtype: DType = jnp.float32,
       dtype: DType | None = None,
   ) -> None:
@@ -114,6 +115,13 @@ class Attention(bx.Module):
     self.sliding_window = sliding_window
     self.init_std = init_std
     self.out_init_std = init_std if out_init_std is None else out_init_std
+    # `jax.nn.dot_product_attention(implementation=...)` for the full-sequence
+    # path: None is XLA's fused-by-compiler version (any platform); 'cudnn'
+    # is the cuDNN flash-attention kernel on NVIDIA GPUs (bf16/fp16 only). The
+    # cached decode path always uses XLA (its explicit mask is arbitrary).
+    if implementation not in (None, 'xla', 'cudnn'):
+      raise ValueError(f"Attention {where}: implementation={implementation!r} is not one of None, 'xla', 'cudnn'.")
+    self.implementation = implementation
     self.param_dtype = param_dtype
     self.dtype = dtype
     self.q_norm = self.k_norm = None
@@ -167,7 +175,8 @@ class Attention(bx.Module):
 
     if cache is None:
       window = (self.sliding_window - 1, 0) if self.sliding_window > 0 else None
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window,
+                                         implementation=self.implementation)
       new_kv = None
     else:
       if mask is None:

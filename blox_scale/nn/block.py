@@ -64,6 +64,7 @@ class TransformerBlock(bx.Module):
       dropout_rate: float = 0.0,
       init_std: float = 0.02,
       out_init_std: float | None = None,
+      attention_impl: str | None = None,
       param_dtype: DType = jnp.float32,
       dtype: DType | None = None,
   ) -> None:
@@ -74,7 +75,7 @@ class TransformerBlock(bx.Module):
         graph.child('attn'), num_heads, rng, num_kv_heads=num_kv_heads, head_dim=head_dim,
         use_bias=use_bias, qk_norm=qk_norm, norm_eps=norm_eps, use_rope=use_rope,
         rope_theta=rope_theta, sliding_window=sliding_window, init_std=init_std,
-        out_init_std=out_init_std, param_dtype=param_dtype, dtype=dtype)
+        out_init_std=out_init_std, implementation=attention_impl, param_dtype=param_dtype, dtype=dtype)
     self.norm_2 = make_norm(graph.child('norm_2'), norm, norm_eps, param_dtype, dtype)
     self.mlp = MLP(
         graph.child('mlp'), mlp_dim, d_model, rng, activation=mlp_activation, use_bias=use_bias,
