@@ -29,6 +29,7 @@ def _param_bytes_by_hand(cfg, fsdp: int) -> tuple[int, int]:
   return 4 * (sharded + replicated), 4 * (sharded // fsdp + replicated)
 
 
+@pytest.mark.slow
 def test_plan_reports_sharded_state_and_remat_tradeoff():
   cfg = load_config(None, SMALL + ['mesh.data=1', 'mesh.fsdp=8', 'mesh.tensor=1'])
   mesh = sharding.make_mesh(cfg.mesh)

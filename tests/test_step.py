@@ -48,10 +48,23 @@ def plain(tree):
   return jax.tree.map(one, tree)
 
 
-def train(model, mesh, rules, steps=3, optimizer=None, **kw):
-  optimizer = optimizer or optax.adamw(1e-2)
-  state = init_train_state(model, optimizer, 0, mesh, rules)
-  step = make_train_step(model, optimizer, mesh, rules, **kw)
+# One model and optimizer for the whole file, and one compiled step per
+# (mesh, rules): compiles dominate this file's run time on 2 shared cores.
+MODEL = tiny_model()
+OPTIMIZER = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2)
+_STEPS: dict = {}
+
+
+def step_for(mesh, rules):
+  key = (tuple(mesh.shape.items()), tuple(mesh.devices.flat), tuple(sorted((k, str(v)) for k, v in rules.items())))
+  if key not in _STEPS:
+    _STEPS[key] = make_train_step(MODEL, OPTIMIZER, mesh, rules)
+  return _STEPS[key]
+
+
+def train(mesh, rules, steps=3):
+  state = init_train_state(MODEL, OPTIMIZER, 0, mesh, rules)
+  step = step_for(mesh, rules)
   history = []
   for i in range(steps):
     state, metrics = step(state, make_batch(i))
@@ -62,16 +75,15 @@ def train(model, mesh, rules, steps=3, optimizer=None, **kw):
 @pytest.fixture(scope='module')
 def reference():
   """Three steps on one device: the numbers every mesh must reproduce."""
-  model = tiny_model()
-  return model, train(model, mesh_of(), RULES)
+  return train(mesh_of(), RULES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('rules', [RULES, {**RULES, 'seq': 'tensor'}], ids=['dp-fsdp-tp', 'plus-seq-sharding'])
 def test_2x2x2_mesh_matches_one_device(reference, rules):
-  model, (ref_state, ref_hist) = reference
+  ref_state, ref_hist = reference
   mesh = mesh_of(2, 2, 2)
-  state, hist = train(model, mesh, rules)
+  state, hist = train(mesh, rules)
   # Collectives change the f32 summation order only.
   for got, want in zip(hist, ref_hist):
     np.testing.assert_allclose(got['loss'], want['loss'], rtol=2e-6)
@@ -92,7 +104,7 @@ def test_2x2x2_mesh_matches_one_device(reference, rules):
 def test_grad_accumulation_equals_the_full_batch_gradient():
   # Reference: plain value_and_grad of the model's loss on the whole batch,
   # with SGD(lr=1) so that params_before - params_after is the gradient.
-  model = tiny_model()
+  model = MODEL
   batch = make_batch(0, ragged=True)
   params = model.init(0)
   t, nt = params.split()
@@ -113,11 +125,9 @@ def test_grad_accumulation_equals_the_full_batch_gradient():
 
 
 def test_non_finite_step_is_not_applied():
-  model = tiny_model()
-  mesh = mesh_of(1, 2, 2)
-  opt = optax.adam(1e-2)
-  state = init_train_state(model, opt, 0, mesh, RULES)
-  step = make_train_step(model, opt, mesh, RULES)
+  mesh = mesh_of(2, 2, 2)
+  state = init_train_state(MODEL, OPTIMIZER, 0, mesh, RULES)
+  step = step_for(mesh, RULES)
   state, _ = step(state, make_batch(0))
   before = plain(state)
   bad = make_batch(1)
@@ -160,19 +170,17 @@ def test_init_creates_every_array_in_its_shards():
 
 
 def test_eval_step_and_user_loop_contract():
-  model = tiny_model()
   mesh = mesh_of(2, 2, 2)
-  opt = optax.inject_hyperparams(optax.adam)(learning_rate=3e-3)
-  state = init_train_state(model, opt, 0, mesh, RULES)
+  state = init_train_state(MODEL, OPTIMIZER, 0, mesh, RULES)
   assert isinstance(state, TrainState)
   batch = make_batch(5)
   unsharded = jax.device_get(state.params)
-  want, _ = jax.jit(lambda p: model.loss(p, batch, is_training=False))(unsharded)
-  got = make_eval_step(model, mesh, RULES)(state.params, batch)
+  want, _ = jax.jit(lambda p: MODEL.loss(p, batch, is_training=False))(unsharded)
+  got = make_eval_step(MODEL, mesh, RULES)(state.params, batch)
   np.testing.assert_allclose(got['loss'], want, rtol=1e-5)
   old_param = state.params[('lm', 'embed', 'embedding')].value
-  state, metrics = make_train_step(model, opt, mesh, RULES)(state, batch)
-  np.testing.assert_allclose(metrics['learning_rate'], 3e-3, rtol=1e-6)
+  state, metrics = step_for(mesh, RULES)(state, batch)
+  np.testing.assert_allclose(metrics['learning_rate'], 1e-2, rtol=1e-6)  # from inject_hyperparams
   assert old_param.is_deleted()  # the input state was donated
   # Non-trainable state (the RNG counter) comes back updated, not frozen.
   assert jax.tree.structure(state.params) == jax.tree.structure(unsharded)
