@@ -251,7 +251,8 @@ def load_for_inference(path: str | Path, step: int | None = None) -> tuple[Confi
   abstract = jax.eval_shape(model.init, config.train.seed)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(read_only=True))
+  # Not read_only=True: that only adds warnings; this manager never saves.
+  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
   step = step if step is not None else step_from_path if step_from_path is not None else manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'No complete checkpoint in {workdir / CHECKPOINT_DIR}.')

@@ -84,6 +84,7 @@ def evaluate(eval_step: Any, params: bx.Params, data: Any, mesh: Any, rules: Any
 def train(config: Config) -> int:
   """Runs (or resumes) the training described by `config`; returns the exit code."""
   # -- 1. config ------------------------------------------------------------------------------------
+  started = time.perf_counter()
   cfg = config
   workdir = Path(cfg.train.workdir)
 
@@ -154,11 +155,12 @@ def train(config: Config) -> int:
                           lambda tokens_per_sec: flops.mfu(tokens_per_sec, flops_per_token, jax.device_count()))
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics since the last log (no sync per step)
   exit_code = EXIT_OK
-  last_eval = -1
+  last_eval, eval_loss, last_loss = -1, None, None
   saved = {step} if latest is not None else set()
 
   def flush() -> None:
     """Reads the pending metrics (one device sync), logs them, raises on non-finite."""
+    nonlocal last_loss
     if not pending:
       return
     values = jax.device_get([m for _, m in pending])
@@ -171,6 +173,7 @@ def train(config: Config) -> int:
               'grad_norm': float(last['grad_norm']), **rates}
     record.update({k: float(v) for k, v in last.items() if k not in record and k != 'finite'})
     pending.clear()
+    last_loss = record['loss']
     writer.write(record)
     progress.update(last_step, record)
     if progress.bar is None:  # no bar (CI logs, progress=false): one plain line per log step
@@ -233,10 +236,15 @@ def train(config: Config) -> int:
     if stop_signal or step < cfg.train.steps:
       return EXIT_OK
     if cfg.train.eval_every and last_eval != step:
-      eval_loss = evaluate(eval_step, state.params, data, mesh, rules)
+      eval_loss, last_eval = evaluate(eval_step, state.params, data, mesh, rules), step
       if eval_loss is not None:
         writer.write({'kind': 'eval', 'step': step, 'eval_loss': eval_loss})
-        log(f'final eval loss {eval_loss:.4f} nats (unigram entropy {data.unigram_entropy:.4f})')
+    summary = f'done: {step} steps in {time.perf_counter() - started:.0f}s'
+    if last_loss is not None:
+      summary += f', train loss {last_loss:.4f}'
+    if eval_loss is not None and last_eval == step:
+      summary += f', eval loss {eval_loss:.4f}'
+    log(summary + f' nats/token (unigram entropy of the corpus: {data.unigram_entropy:.4f})')
     if primary and cfg.train.plot:
       path = plot_losses(workdir, data.unigram_entropy)
       log(f'loss curve: {path}')
