@@ -254,6 +254,9 @@ def make_iterator(ds: grain.MapDataset, state: dict[str, Any] | None = None,
   """
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain workers read absl flags; a plain script never parsed them
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   iterator = iter(it_ds)
   if state is not None:
