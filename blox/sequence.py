@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blox.graph import Graph
 from blox.module import Module
@@ -153,7 +154,7 @@ class RecurrenceBase(SequenceBase[InputsT, StateT, OutputsT, ResetT]):
       reset = reset.reshape(reset.shape + (1,) * (old.ndim - reset.ndim))  # [batch, 1, ...]
       return jnp.where(reset, new.astype(old.dtype), old)
 
-    if isinstance(is_reset, jax.Array):
+    if isinstance(is_reset, (jax.Array, np.ndarray)):  # one flag per row for the whole state
       return jax.tree.map(lambda n, o: pick(n, o, is_reset), fresh, prev_state)
     return jax.tree.map(pick, fresh, prev_state, is_reset)
 

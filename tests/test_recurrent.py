@@ -145,6 +145,12 @@ def test_is_reset_restarts_selected_rows():
   tree_allclose(ys[0], ys_plain[0], rtol=1e-6, atol=1e-6)
   tree_allclose(ys[1, :3], ys_plain[1, :3], rtol=1e-6, atol=1e-6)
   tree_allclose(ys[1, 3:], ys_tail[1], rtol=1e-6, atol=1e-6)
+  # A NumPy mask works too (one step, called directly).
+  state, _ = gru.initial_state(params, xs[:, 0])
+  (_, stepped), _ = gru(params, xs[:, 0], state._replace(hidden=jnp.ones((B, H))), is_reset=np.array([True, False]))
+  (_, fresh), _ = gru(params, xs[:, 0], state)
+  tree_allclose(stepped.hidden[0], fresh.hidden[0], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(stepped.hidden[1], fresh.hidden[1])
 
 
 def test_scans_thread_rng_state_like_a_loop():
