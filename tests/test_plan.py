@@ -1,12 +1,10 @@
 """blox-plan: abstract compilation of the sharded train step and its memory figures."""
 
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from blox_scale import plan as bplan

@@ -1,7 +1,6 @@
 """The sharded train step: same numbers on any mesh, accumulation, safety, sharded init."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
