@@ -101,9 +101,9 @@ def _command(workdir, *overrides):
           'data.batch_size=4', 'data.seq_len=32', 'model.max_seq_len=32', *overrides)]
 
 
-def _env():
+def _env(devices=1):
   # One CPU device per process (the test session's 8 fake devices are not inherited).
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
 
 
 def _losses(workdir):
@@ -147,7 +147,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_cleanly_then_resumes_on_more_devices(tmp_path):
   proc = subprocess.Popen(_command(tmp_path, 'train.steps=100000', 'checkpoint.every=100000'), env=_env(), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _wait_for_step(proc, tmp_path, 3)
@@ -158,3 +158,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   last = max(_losses(tmp_path))
   steps = Checkpointer(tmp_path, load_config(None).checkpoint).all_steps()
   assert steps and steps[-1] == last >= 3  # saved exactly where it stopped
+
+  # Resume the 1-device checkpoint on a 2-device mesh (restored into the new shardings).
+  subprocess.run(_command(tmp_path, f'train.steps={last + 2}', 'checkpoint.every=100000'), env=_env(devices=2),
+                 cwd=REPO, check=True, capture_output=True, timeout=300)
+  starts = read_metrics(tmp_path, 'start')
+  assert [s['num_devices'] for s in starts] == [1, 2] and starts[1]['step'] == last
+  assert max(_losses(tmp_path)) == last + 2
