@@ -282,8 +282,9 @@ def build_data(cfg: DataConfig, vocab_size: int, *, rows: slice | None = None, e
   eval_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, n_train, total)
   train = train_dataset(train_windows, cfg.batch_size, cfg.shuffle_seed, rows)
   evals = eval_dataset(eval_windows, cfg.batch_size, rows) if n_eval else None
-  # Entropy of the training split only (what the model sees): the bar its loss must beat.
-  entropy = unigram_entropy(tokens[:min(len(tokens), n_train * cfg.seq_len + 1)], vocab_size)
+  # Entropy of the training split (what the model sees): the bar its loss must beat. At most
+  # the first 16M tokens: a memory-mapped corpus of billions must not be read at start-up.
+  entropy = unigram_entropy(tokens[:min(len(tokens), n_train * cfg.seq_len + 1, 1 << 24)], vocab_size)
   return Data(
       train=make_iterator(train, state, worker_count=cfg.worker_count),
       eval_dataset=evals,
