@@ -146,6 +146,7 @@ def train(config: Config) -> int:
                 'num_devices': jax.device_count(), 'flops_per_token': flops_per_token,
                 'unigram_entropy': data.unigram_entropy, **memory})
   log(f'compiled train step in {compile_s:.1f}s; ' + ', '.join(f'{k} {format_bytes(v)}' for k, v in memory.items()))
+  all_finite(state.params)  # compile the pre-save check now, not inside the first save
 
   # -- 8. loop --------------------------------------------------------------------------------------
   stop_signal: list[int] = []
