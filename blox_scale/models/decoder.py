@@ -130,7 +130,16 @@ class DecoderLM:
       raise ValueError(f'DecoderLM.{what}: tokens must be int[batch, seq], got {tokens.dtype}{list(tokens.shape)}.')
 
   def _embed(self, params: bx.Params, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, bx.Params]:
-    x, params = self.embed(params, tokens)
+    if self.embed.param_path('embedding') in params:
+      # FSDP shards the table's embed dim, but the gathered rows must be
+      # sharded by batch: gather the table's embed dim first (as FSDP does for
+      # every weight) instead of letting XLA replicate the rows after the
+      # lookup ("involuntary full rematerialization").
+      table, params = self.embed.get_param(params, 'embedding')
+      rows = constrain(table, ('vocab', None))[tokens]
+      x = rows if self.embed.dtype is None else cast(rows, self.embed.dtype)
+    else:
+      x, params = self.embed(params, tokens)  # lazy init
     if self.pos_embed is not None:
       p, params = self.pos_embed(params, positions)
       x = x + p
