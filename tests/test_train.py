@@ -110,34 +110,43 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in read_metrics(workdir, 'train')}
 
 
-def _wait_for_step(proc, workdir, step, timeout=180):
+def _committed(workdir):
+  """Complete checkpoints on disk (orbax renames a step dir into place only when it is complete)."""
+  directory = Path(workdir) / 'checkpoints'
+  return [p for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+
+
+def _wait_for_step(proc, workdir, step, timeout=180, checkpointed=False):
   deadline = time.time() + timeout
   while time.time() < deadline:
     if proc.poll() is not None:
-      raise AssertionError(f'run ended early with {proc.returncode}: {proc.stderr.read()[-2000:]}')
-    if max(_losses(workdir), default=0) >= step:
+      raise AssertionError(f'run ended (code {proc.returncode}) before step {step}: {proc.stderr.read()[-2000:]}')
+    if max(_losses(workdir), default=0) >= step and (not checkpointed or _committed(workdir)):
       return
-    time.sleep(0.05)
+    time.sleep(0.01)
   raise AssertionError(f'step {step} not reached in {timeout}s')
 
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(tmp_path):
-  steps = 12
-  args = [f'train.steps={steps}', 'checkpoint.every=3']
+  steps = 40
+  args = [f'train.steps={steps}', 'checkpoint.every=5']
   reference = tmp_path / 'reference'
   subprocess.run(_command(reference, *args), env=_env(), cwd=REPO, check=True, capture_output=True, timeout=300)
   want = _losses(reference)
   assert sorted(want) == list(range(1, steps + 1))
 
-  kill_at = random.Random().randint(4, steps - 2)
+  # A random step, once at least one checkpoint is complete (an async save may still be in
+  # flight when the kill lands: the resumed run then starts from the previous one).
+  kill_at = random.Random().randint(7, 25)
   interrupted = tmp_path / 'interrupted'
   proc = subprocess.Popen(_command(interrupted, *args), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for_step(proc, interrupted, kill_at)
+  _wait_for_step(proc, interrupted, kill_at, checkpointed=True)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   killed_after = max(_losses(interrupted))
+  assert killed_after < steps, 'the run finished before the kill landed'
   subprocess.run(_command(interrupted, *args), env=_env(), cwd=REPO, check=True, capture_output=True, timeout=300)
 
   starts = read_metrics(interrupted, 'start')
