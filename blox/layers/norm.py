@@ -41,9 +41,26 @@ def _moments(x: jax.Array, axes: int | tuple[int, ...], axis_name: str | None,
 class _Norm(Module):
   """Shared scale/bias handling of the three norms."""
 
-  rng: Rng | None
-  param_dtype: DType
-  dtype: DType | None
+  def __init__(self, graph: Graph, *, epsilon: float, use_scale: bool, use_bias: bool,
+               scale_init: Initializer, bias_init: Initializer, axis_name: str | None,
+               axis_index_groups: Sequence[Sequence[int]] | None, rng: Rng | None,
+               scale_metadata: dict[str, Any] | None, bias_metadata: dict[str, Any] | None,
+               param_dtype: DType, dtype: DType | None) -> None:
+    # The public constructors keep jax-blox's explicit keyword signatures and
+    # hand everything they share to this one place.
+    super().__init__(graph)
+    self.epsilon = epsilon
+    self.use_scale = use_scale
+    self.use_bias = use_bias
+    self.scale_init = scale_init
+    self.bias_init = bias_init
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.rng = rng
+    self.scale_metadata = with_axes(('norm',), scale_metadata)
+    self.bias_metadata = with_axes(('norm',), bias_metadata)
+    self.param_dtype = param_dtype
+    self.dtype = dtype
 
   def _affine(self, params: Params, y: jax.Array, inputs: jax.Array, features: int,
               use_scale: bool, use_bias: bool) -> tuple[jax.Array, Params]:
@@ -90,19 +107,10 @@ class LayerNorm(_Norm):
       param_dtype: DType = jnp.float32,
       dtype: DType | None = None,
   ) -> None:
-    super().__init__(graph)
-    self.epsilon = epsilon
-    self.use_scale = use_scale
-    self.use_bias = use_bias
-    self.scale_init = scale_init
-    self.bias_init = bias_init
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.rng = rng
-    self.scale_metadata = with_axes(('norm',), scale_metadata)
-    self.bias_metadata = with_axes(('norm',), bias_metadata)
-    self.param_dtype = param_dtype
-    self.dtype = dtype
+    super().__init__(
+        graph, epsilon=epsilon, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+        bias_init=bias_init, axis_name=axis_name, axis_index_groups=axis_index_groups, rng=rng,
+        scale_metadata=scale_metadata, bias_metadata=bias_metadata, param_dtype=param_dtype, dtype=dtype)
 
   def __call__(self, params: Params, inputs: jax.Array) -> tuple[jax.Array, Params]:
     """`inputs: [..., features]` -> same shape."""
@@ -132,16 +140,10 @@ class RMSNorm(_Norm):
       param_dtype: DType = jnp.float32,
       dtype: DType | None = None,
   ) -> None:
-    super().__init__(graph)
-    self.epsilon = epsilon
-    self.use_scale = use_scale
-    self.scale_init = scale_init
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.rng = rng
-    self.scale_metadata = with_axes(('norm',), scale_metadata)
-    self.param_dtype = param_dtype
-    self.dtype = dtype
+    super().__init__(
+        graph, epsilon=epsilon, use_scale=use_scale, use_bias=False, scale_init=scale_init,
+        bias_init=jax.nn.initializers.zeros, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        rng=rng, scale_metadata=scale_metadata, bias_metadata=None, param_dtype=param_dtype, dtype=dtype)
 
   def __call__(self, params: Params, inputs: jax.Array) -> tuple[jax.Array, Params]:
     """`inputs: [..., features]` -> same shape."""
@@ -186,21 +188,12 @@ class BatchNorm(_Norm):
       param_dtype: DType = jnp.float32,
       dtype: DType | None = None,
   ) -> None:
-    super().__init__(graph)
+    super().__init__(
+        graph, epsilon=epsilon, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
+        bias_init=bias_init, axis_name=axis_name, axis_index_groups=axis_index_groups, rng=rng,
+        scale_metadata=scale_metadata, bias_metadata=bias_metadata, param_dtype=param_dtype, dtype=dtype)
     self.momentum = momentum
-    self.epsilon = epsilon
-    self.use_scale = use_scale
-    self.use_bias = use_bias
-    self.scale_init = scale_init
-    self.bias_init = bias_init
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.rng = rng
-    self.scale_metadata = with_axes(('norm',), scale_metadata)
-    self.bias_metadata = with_axes(('norm',), bias_metadata)
     self.stats_metadata = with_axes(('norm',), stats_metadata)
-    self.param_dtype = param_dtype
-    self.dtype = dtype
 
   def __call__(self, params: Params, inputs: jax.Array, is_training: bool = True) -> tuple[jax.Array, Params]:
     """`inputs: [batch, *spatial, features]` -> same shape."""
