@@ -3,7 +3,7 @@
     python benchmarks/decode.py [--layers 8 --d-model 256 --batch 8 --prompt 32 --new 128 --repeats 5 --remat full]
 
 Both variants use the same params (a scanned checkpoint decodes as it is) and
-the same `blox_scale.sample.generate` (prefill + a `fori_loop` of single-token
+the same `blox_scale.models.generate.generate` (prefill + a `fori_loop` of single-token
 steps inside one jit); only `model.scan_layers` differs. Printed: compile
 time, median wall time of a whole `generate` call, and tokens/s, where
 "decode tok/s" counts the generated tokens only, measured as the difference
@@ -22,9 +22,9 @@ import jax
 import numpy as np
 
 import blox as bx
-from blox_scale.config import ModelConfig
+from blox_scale.training.config import ModelConfig
 from blox_scale.models import DecoderLM
-from blox_scale.sample import generate
+from blox_scale.models.generate import generate
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

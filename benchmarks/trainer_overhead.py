@@ -26,14 +26,14 @@ import jax
 import numpy as np
 
 import blox as bx
-from blox_scale.config import load_config
-from blox_scale.distributed import make_global_batch
-from blox_scale.metrics import read_metrics
+from blox_scale.training.config import load_config
+from blox_scale.parallel.distributed import make_global_batch
+from blox_scale.training.metrics import read_metrics
 from blox_scale.models import DecoderLM
-from blox_scale.optim import make_optimizer
-from blox_scale.sharding import make_mesh, rules_from_config
-from blox_scale.step import init_train_state, make_train_step
-from blox_scale.train import train
+from blox_scale.training.optim import make_optimizer
+from blox_scale.parallel.sharding import make_mesh, rules_from_config
+from blox_scale.training.step import init_train_state, make_train_step
+from blox_scale.cli.train import train
 
 
 class BareLoop:

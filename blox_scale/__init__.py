@@ -1,19 +1,27 @@
-"""blox_scale: everything about scale on top of blox (import as `bs`)."""
+"""blox_scale: everything about scale on top of blox (import as `bs`).
 
-from blox_scale import layout, remat
-from blox_scale.group import Group
-from blox_scale.layout import restack, unstack
-from blox_scale.optim import decay_mask, lr_schedule, make_optimizer
-from blox_scale.remat import POLICIES as REMAT_POLICIES
-from blox_scale.stack import Stack
-from blox_scale.tokenizer import ByteTokenizer
+Folders by concern (docs/architecture.md): `stacking/` (Stack, Group, remat,
+layouts), `nn/` and `models/` (blocks, DecoderLM, generation), `parallel/`
+(sharding, jax.distributed), `training/` (config, data, optimizer, step,
+checkpoints, metrics) and `cli/` (the command-line tools).
+"""
+
 from blox_scale import flops, nn
 from blox_scale.models import DecoderLM
+from blox_scale.models.generate import generate
 from blox_scale.nn import MLP, Attention, TransformerBlock
-from blox_scale.sample import generate
-from blox_scale import distributed, sharding
-from blox_scale.sharding import batch_sharding, constrain, make_mesh, param_shardings, rules_from_config, use_mesh_rules
-from blox_scale.step import TrainState, init_train_state, make_eval_step, make_train_step
+from blox_scale.parallel import distributed, sharding
+from blox_scale.parallel.sharding import (
+    batch_sharding, constrain, make_mesh, param_shardings, rules_from_config, use_mesh_rules,
+)
+from blox_scale.stacking import layout, remat
+from blox_scale.stacking.group import Group
+from blox_scale.stacking.layout import restack, unstack
+from blox_scale.stacking.remat import POLICIES as REMAT_POLICIES
+from blox_scale.stacking.stack import Stack
+from blox_scale.training.optim import decay_mask, lr_schedule, make_optimizer
+from blox_scale.training.step import TrainState, init_train_state, make_eval_step, make_train_step
+from blox_scale.training.tokenizer import ByteTokenizer
 
 __all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat',
            'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer',

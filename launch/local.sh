@@ -2,13 +2,13 @@
 # Start NPROC processes of one multi-process JAX run on this machine.
 #
 #   launch/local.sh NPROC [CMD ARGS...]
-#   launch/local.sh 2                                  # python -m blox_scale.train
-#   launch/local.sh 2 python -m blox_scale.train --config configs/tiny.yaml mesh.fsdp=2
+#   launch/local.sh 2                                  # python -m blox_scale.cli.train
+#   launch/local.sh 2 python -m blox_scale.cli.train --config configs/tiny.yaml mesh.fsdp=2
 #   BLOX_DEVICES_PER_PROCESS=4 launch/local.sh 2 python my_loop.py
 #
 # Every process gets its own K fake CPU devices (BLOX_DEVICES_PER_PROCESS,
 # default 2) and joins the others through a coordinator on 127.0.0.1 at a
-# free port: blox_scale.distributed.initialize() reads BLOX_COORDINATOR_ADDRESS,
+# free port: blox_scale.parallel.distributed.initialize() reads BLOX_COORDINATOR_ADDRESS,
 # BLOX_NUM_PROCESSES and BLOX_PROCESS_ID. Output lines are prefixed with
 # "[p<id>] ". The script exits with the first non-zero status of any process
 # (0 when all succeed). If a process fails, JAX's heartbeat terminates the
@@ -18,13 +18,13 @@
 set -u
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  echo "usage: $0 NPROC [CMD ARGS...]   (NPROC >= 1; default CMD: python3 -m blox_scale.train)" >&2
+  echo "usage: $0 NPROC [CMD ARGS...]   (NPROC >= 1; default CMD: python3 -m blox_scale.cli.train)" >&2
   exit 2
 fi
 NPROC=$1
 shift
 if [[ $# -eq 0 ]]; then
-  set -- python3 -m blox_scale.train
+  set -- python3 -m blox_scale.cli.train
 fi
 DEVICES=${BLOX_DEVICES_PER_PROCESS:-2}
 GRACE=${BLOX_FAIL_GRACE:-90}

@@ -4,7 +4,7 @@
 #   launch/tpu_pod.sh TPU_NAME ZONE [--project P] -- --config configs/llama_7b.yaml mesh.fsdp=-1
 #
 # The same command runs on all hosts (`--worker=all`). On TPU VMs
-# jax.distributed.initialize() needs no arguments: blox_scale.distributed
+# jax.distributed.initialize() needs no arguments: blox_scale.parallel.distributed
 # sees TPU_WORKER_HOSTNAMES and lets JAX read the coordinator, the process
 # count and this host's id from the TPU metadata. Every host must see the
 # same code and data paths (e.g. a git checkout and a GCS bucket).
@@ -35,4 +35,4 @@ SETUP=${BLOX_SETUP:-true}
 # the worker id. A worker that dies makes the others exit within
 # distributed.heartbeat_timeout seconds, so this command returns instead of hanging.
 exec gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_ARGS[@]}" --worker=all \
-  --command "cd $REPO && $SETUP && PYTHONUNBUFFERED=1 python3 -m blox_scale.train$ARGS"
+  --command "cd $REPO && $SETUP && PYTHONUNBUFFERED=1 python3 -m blox_scale.cli.train$ARGS"

@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from blox_scale import distributed  # noqa: E402  (no JAX computation before initialize)
-from blox_scale.config import load_config  # noqa: E402
+from blox_scale.training.config import load_config  # noqa: E402
 
 
 def tiny_config(mesh: str, heartbeat: int = 10) -> Any:
@@ -49,9 +49,9 @@ def run(cfg: Any, steps: int, batch: int, devices: Any = None, die_process: int 
   import optax
 
   import blox as bx
-  from blox_scale import sharding
+  from blox_scale.parallel import sharding
   from blox_scale.models import DecoderLM
-  from blox_scale.step import init_train_state, make_train_step
+  from blox_scale.training.step import init_train_state, make_train_step
 
   mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = sharding.rules_from_config(cfg.mesh)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import blox as bx
-from blox_scale.checkpoint import Checkpointer, flat_names, load_for_inference, save_config
-from blox_scale.config import CheckpointConfig, Config, MeshConfig, ModelConfig, load_config
+from blox_scale.training.checkpoint import Checkpointer, flat_names, load_for_inference, save_config
+from blox_scale.training.config import CheckpointConfig, Config, MeshConfig, ModelConfig, load_config
 from blox_scale.models import DecoderLM
-from blox_scale.optim import make_optimizer
-from blox_scale.sharding import make_mesh, rules_from_config
-from blox_scale.step import abstract_train_state, init_train_state, make_train_step, train_state_shardings
+from blox_scale.training.optim import make_optimizer
+from blox_scale.parallel.sharding import make_mesh, rules_from_config
+from blox_scale.training.step import abstract_train_state, init_train_state, make_train_step, train_state_shardings
 
 from helpers import tree_allclose
 
@@ -118,8 +118,8 @@ _CRASHING_SAVE = textwrap.dedent('''
     import os, signal, sys
     import jax.numpy as jnp
     import blox as bx
-    from blox_scale.checkpoint import Checkpointer
-    from blox_scale.config import CheckpointConfig
+    from blox_scale.training.checkpoint import Checkpointer
+    from blox_scale.training.config import CheckpointConfig
     from orbax.checkpoint._src.path import atomicity
 
     ckpt = Checkpointer(sys.argv[1], CheckpointConfig(async_save=True))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from blox_scale.config import Config, ConfigError, ModelConfig, load_config, parse_overrides, reference_markdown, to_yaml
+from blox_scale.training.config import Config, ConfigError, ModelConfig, load_config, parse_overrides, reference_markdown, to_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from blox_scale.config import load_config, reference_markdown
-from blox_scale.metrics import read_metrics
-from blox_scale.train import train
+from blox_scale.training.config import load_config, reference_markdown
+from blox_scale.training.metrics import read_metrics
+from blox_scale.cli.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / 'configs').glob('*.yaml'))

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blox_scale import data as bd
-from blox_scale.config import DataConfig
-from blox_scale.tokenizer import ByteTokenizer, get_tokenizer
+from blox_scale.training import data as bd
+from blox_scale.training.config import DataConfig
+from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
 
 
 def _cfg(**kw):

@@ -10,9 +10,9 @@ import pytest
 from jax.sharding import NamedSharding
 
 import blox as bx
-from blox_scale.config import ModelConfig
+from blox_scale.training.config import ModelConfig
 from blox_scale.models import DecoderLM
-from blox_scale.sharding import logical_to_spec
+from blox_scale.parallel.sharding import logical_to_spec
 from helpers import tree_allclose
 from lm_helpers import fill_params
 

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from blox_scale import flops
-from blox_scale.config import ModelConfig
+from blox_scale.training.config import ModelConfig
 
 
 def test_flops_per_token_gpt2_small_by_hand():

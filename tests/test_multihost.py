@@ -119,8 +119,8 @@ def test_local_sh_reports_the_first_failure_and_prefixes_output():
 
 
 def test_initialize_settings_and_cluster_detection(monkeypatch):
-  from blox_scale import distributed
-  from blox_scale.config import DistributedConfig
+  from blox_scale.parallel import distributed
+  from blox_scale.training.config import DistributedConfig
 
   monkeypatch.setattr(distributed, '_initialized', False)
   for name in list(os.environ):

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import blox as bx
-from blox_scale.config import ModelConfig, OptimizerConfig
-from blox_scale.optim import decay_mask, lr_schedule, make_optimizer
+from blox_scale.training.config import ModelConfig, OptimizerConfig
+from blox_scale.training.optim import decay_mask, lr_schedule, make_optimizer
 
 
 def _cfg(**kw):

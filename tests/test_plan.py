@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from blox_scale import plan as bplan
-from blox_scale import sharding
-from blox_scale.config import load_config
+from blox_scale.cli import plan as bplan
+from blox_scale.parallel import sharding
+from blox_scale.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ['model.num_layers=2', 'model.d_model=64', 'model.num_heads=4', 'model.mlp_dim=256',
@@ -60,7 +60,7 @@ def test_cli_sets_its_own_device_count():
   # start JAX with 4 (here, in a fresh process that has not started JAX yet).
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = subprocess.run(
-      [sys.executable, '-m', 'blox_scale.plan', '--config', 'configs/tiny.yaml', '--devices', '4',
+      [sys.executable, '-m', 'blox_scale.cli.plan', '--config', 'configs/tiny.yaml', '--devices', '4',
        '--mesh', 'data=2,fsdp=2,tensor=1', '--remat', 'full,dots', '--hbm', '1', *SMALL],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 import blox as bx
-from blox_scale.config import load_config
+from blox_scale.training.config import load_config
 from blox_scale.models import DecoderLM
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'

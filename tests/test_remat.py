@@ -21,7 +21,7 @@ from helpers import tree_allclose
 
 import blox as bx
 import blox_scale as bs
-from blox_scale import remat as remat_lib
+from blox_scale.stacking import remat as remat_lib
 
 L, B, S, D, H = 6, 2, 3, 4, 5
 CARRY = f'f32[{L},{B},{S},{D}]'

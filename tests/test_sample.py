@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import blox as bx
-from blox_scale.config import Config, ModelConfig
+from blox_scale.training.config import Config, ModelConfig
 from blox_scale.models import DecoderLM
-from blox_scale.sample import generate, left_pad, main, sample_logits
+from blox_scale.cli.sample import main
+from blox_scale.models.generate import generate, left_pad, sample_logits
 from helpers import tree_allclose
 from lm_helpers import fill_params
 
@@ -124,9 +125,9 @@ def test_generate_errors():
 
 def test_cli_prints_prompt_and_continuation(monkeypatch, capsys):
   model, params = _setup(TINY)  # vocab 61: the prompt uses bytes below 61
-  fake = types.ModuleType('blox_scale.checkpoint')
+  fake = types.ModuleType('blox_scale.training.checkpoint')
   fake.load_for_inference = lambda path: (Config(model=TINY), model, params)
-  monkeypatch.setitem(sys.modules, 'blox_scale.checkpoint', fake)
+  monkeypatch.setitem(sys.modules, 'blox_scale.training.checkpoint', fake)
   main(['--checkpoint', 'unused', '--prompt', '(0', '--max-new-tokens', '12', '--temperature', '0'])
   out = capsys.readouterr().out
   [expected] = generate(model, params, [list(b'(0')], max_new_tokens=12)

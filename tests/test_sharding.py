@@ -10,8 +10,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import blox as bx
-from blox_scale import distributed, sharding
-from blox_scale.config import MeshConfig, load_config
+from blox_scale.parallel import distributed
+from blox_scale.parallel import sharding
+from blox_scale.training.config import MeshConfig, load_config
 from blox_scale.models import DecoderLM
 
 

@@ -8,10 +8,10 @@ from helpers import tree_allclose
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import blox as bx
-from blox_scale import sharding
-from blox_scale.config import MeshConfig, load_config
+from blox_scale.parallel import sharding
+from blox_scale.training.config import MeshConfig, load_config
 from blox_scale.models import DecoderLM
-from blox_scale.step import (TrainState, init_train_state, make_eval_step, make_train_step, sharded_init_fn,
+from blox_scale.training.step import (TrainState, init_train_state, make_eval_step, make_train_step, sharded_init_fn,
                              train_state_shardings)
 
 RULES = sharding.rules_from_config(MeshConfig())

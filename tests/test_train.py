@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blox_scale import data as bd
-from blox_scale.checkpoint import Checkpointer
-from blox_scale.config import load_config
-from blox_scale.metrics import read_metrics
-from blox_scale.train import EXIT_NONFINITE, main, train
+from blox_scale.training import data as bd
+from blox_scale.training.checkpoint import Checkpointer
+from blox_scale.training.config import load_config
+from blox_scale.training.metrics import read_metrics
+from blox_scale.cli.train import EXIT_NONFINITE, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_nonfinite_loss_stops_before_checkpointing(tmp_path, capsys):
   assert bad_step < 20 and all(s < bad_step for s in steps), (bad_step, steps)
   # Whatever was checkpointed is finite.
   for step in steps:
-    from blox_scale.checkpoint import load_for_inference
+    from blox_scale.training.checkpoint import load_for_inference
     _, _, params = load_for_inference(tmp_path, step=step)
     assert all(np.isfinite(np.asarray(p.value)).all() for p in params.values() if p.trainable)
   ckpt.close()
@@ -97,7 +97,7 @@ def test_cli_config_errors_name_the_key(capsys):
 
 
 def _command(workdir, *overrides):
-  return [sys.executable, '-m', 'blox_scale.train', *_args(f'train.workdir={workdir}', 'train.log_every=1',
+  return [sys.executable, '-m', 'blox_scale.cli.train', *_args(f'train.workdir={workdir}', 'train.log_every=1',
           'data.batch_size=4', 'data.seq_len=32', 'model.max_seq_len=32', *overrides)]
 
 

@@ -3,7 +3,7 @@
     tokens -> embed (+ learned positions) -> Stack(TransformerBlock) x L
            -> final norm -> logits (tied embedding or own head), float32
 
-The whole model is configured by `ModelConfig` (blox_scale/config.py); the
+The whole model is configured by `ModelConfig` (blox_scale/training/config.py); the
 presets in configs/ give GPT-2 and Llama shapes. Params live under the graph
 given to the constructor:
 
@@ -25,11 +25,11 @@ import jax.numpy as jnp
 
 import blox as bx
 from blox.layers._common import DType, cast
-from blox_scale.config import ModelConfig
+from blox_scale.training.config import ModelConfig
 from blox_scale.nn.attention import Cache, attention_mask
 from blox_scale.nn.block import TransformerBlock, make_norm
-from blox_scale.sharding import constrain
-from blox_scale.stack import Stack
+from blox_scale.parallel.sharding import constrain
+from blox_scale.stacking.stack import Stack
 
 Batch = dict[str, jax.Array]
 

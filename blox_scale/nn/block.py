@@ -18,7 +18,7 @@ import blox as bx
 from blox.layers._common import DType
 from blox_scale.nn.attention import Attention, Cache
 from blox_scale.nn.mlp import MLP
-from blox_scale.sharding import constrain
+from blox_scale.parallel.sharding import constrain
 
 NORMS = ('rmsnorm', 'layernorm')
 

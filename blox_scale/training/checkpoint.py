@@ -34,7 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from blox_scale.config import CheckpointConfig, Config, merge_into, to_yaml, validate
+from blox_scale.training.config import CheckpointConfig, Config, merge_into, to_yaml, validate
 
 CONFIG_FILE = 'config.yaml'
 CHECKPOINT_DIR = 'checkpoints'
@@ -127,7 +127,7 @@ class Checkpointer:
 
   Every process calls `save` and `restore` (orbax coordinates; only the
   primary process commits). `train_state` is any pytree whose params live
-  under a top-level `params` field (the `TrainState` of blox_scale.step).
+  under a top-level `params` field (the `TrainState` of blox_scale.training.step).
   """
 
   def __init__(self, workdir: str | Path, cfg: CheckpointConfig):

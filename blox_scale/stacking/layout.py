@@ -22,7 +22,7 @@ from blox import Metadata, Param, Params
 from blox.graph import Path
 
 if TYPE_CHECKING:
-  from blox_scale.stack import Stack
+  from blox_scale.stacking.stack import Stack
 
 LAYERS = 'layers'
 _LAYER_NAME = re.compile(r'layer_(\d+)$')

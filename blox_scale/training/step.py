@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import blox as bx
-from blox_scale.sharding import Rules, batch_shardings, param_shardings, state_shardings, use_mesh_rules
+from blox_scale.parallel.sharding import Rules, batch_shardings, param_shardings, state_shardings, use_mesh_rules
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -2,7 +2,7 @@
 
     blox-train                                   # tiny model, stdlib corpus, CPU, a few minutes
     blox-train --config configs/gpt2_124m.yaml train.steps=1000 data.batch_size=64
-    python -m blox_scale.train model.num_layers=2 train.workdir=runs/try
+    python -m blox_scale.cli.train model.num_layers=2 train.workdir=runs/try
 
 Sections, in the order they run:
   1. config           defaults <- preset YAML <- dotted overrides
@@ -35,16 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import blox as bx
-from blox_scale import distributed, flops
-from blox_scale.checkpoint import Checkpointer, save_config
-from blox_scale.config import Config, ConfigError, load_config
-from blox_scale.data import build_data
-from blox_scale.metrics import MetricsWriter, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
+from blox_scale.parallel import distributed
+from blox_scale import flops
+from blox_scale.training.checkpoint import Checkpointer, save_config
+from blox_scale.training.config import Config, ConfigError, load_config
+from blox_scale.training.data import build_data
+from blox_scale.training.metrics import MetricsWriter, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
 from blox_scale.models import DecoderLM
-from blox_scale.optim import make_optimizer
-from blox_scale.sharding import batch_shardings, make_mesh, rules_from_config
-from blox_scale.step import abstract_train_state, init_train_state, make_eval_step, make_train_step, train_state_shardings
-from blox_scale.tokenizer import get_tokenizer
+from blox_scale.training.optim import make_optimizer
+from blox_scale.parallel.sharding import batch_shardings, make_mesh, rules_from_config
+from blox_scale.training.step import abstract_train_state, init_train_state, make_eval_step, make_train_step, train_state_shardings
+from blox_scale.training.tokenizer import get_tokenizer
 
 EXIT_OK, EXIT_ERROR, EXIT_NONFINITE = 0, 1, 2
 
@@ -264,7 +265,7 @@ def train(config: Config) -> int:
 
 def print_samples(cfg: Config, model: DecoderLM, params: bx.Params) -> None:
   """Continues `train.sample_prompt` (the same `generate` as blox-sample)."""
-  from blox_scale.sample import generate
+  from blox_scale.models.generate import generate
 
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   prompt = tokenizer.encode(cfg.train.sample_prompt) or [ord('\n')]

@@ -55,13 +55,13 @@ def _ensure_devices(n: int, argv: list[str]) -> None:
   if jax.device_count() != n:
     flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
     os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
-    os.execv(sys.executable, [sys.executable, '-m', 'blox_scale.plan', *argv])
+    os.execv(sys.executable, [sys.executable, '-m', 'blox_scale.cli.plan', *argv])
 
 
 def _optimizer(cfg: Any) -> Any:
   """The trainer's optimizer when available (its state is what training holds)."""
   try:
-    from blox_scale.optim import make_optimizer
+    from blox_scale.training.optim import make_optimizer
     optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
     return optimizer
   except ImportError:
@@ -82,9 +82,9 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = Non
   import jax.numpy as jnp
 
   import blox as bx
-  from blox_scale import sharding
+  from blox_scale.parallel import sharding
   from blox_scale.models import DecoderLM
-  from blox_scale.step import abstract_train_state, make_train_step, train_state_shardings
+  from blox_scale.training.step import abstract_train_state, make_train_step, train_state_shardings
 
   rules = sharding.rules_from_config(cfg.mesh)
   optimizer = _optimizer(cfg)
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> None:
 
   import jax
 
-  from blox_scale import sharding
-  from blox_scale.config import load_config
-  from blox_scale.remat import POLICIES
+  from blox_scale.parallel import sharding
+  from blox_scale.training.config import load_config
+  from blox_scale.stacking.remat import POLICIES
 
   mesh_overrides = [f'mesh.{kv.strip()}' for kv in args.mesh.split(',') if kv.strip()]
   cfg = load_config(args.config, [*args.overrides, *mesh_overrides])

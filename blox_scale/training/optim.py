@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 import blox as bx
-from blox_scale.config import OptimizerConfig
+from blox_scale.training.config import OptimizerConfig
 
 Schedule = Callable[[Any], Any]
 

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from blox_scale.sharding import Rules, batch_sharding, num_batch_shards
+from blox_scale.parallel.sharding import Rules, batch_sharding, num_batch_shards
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def initialize(cfg: Any = None) -> bool:
   global _initialized
   if _initialized:
     return jax.process_count() > 1
-  from blox_scale.config import DistributedConfig
+  from blox_scale.training.config import DistributedConfig
   cfg = DistributedConfig() if cfg is None else cfg
   if cfg.local_device_count:
     _force_cpu_devices(cfg.local_device_count)
@@ -168,7 +168,7 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh, rules: Rules) -> sli
   if len(rows) != stop - start:
     raise ValueError(
         f'Process {jax.process_index()} holds non-contiguous batch rows {sorted(rows)[:8]}...; '
-        'build the mesh with blox_scale.sharding.make_mesh (jax.make_mesh device order).')
+        'build the mesh with blox_scale.parallel.sharding.make_mesh (jax.make_mesh device order).')
   return slice(start, stop)
 
 

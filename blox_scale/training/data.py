@@ -31,8 +31,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from blox_scale.config import DataConfig
-from blox_scale.tokenizer import ByteTokenizer, get_tokenizer
+from blox_scale.training.config import DataConfig
+from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
 
 Batch = dict[str, np.ndarray]
 

@@ -21,8 +21,8 @@ import numpy as np
 
 import blox as bx
 from blox.graph import Path
-from blox_scale import remat as remat_lib
-from blox_scale.layout import layer_metadata, stacked_metadata
+from blox_scale.stacking import remat as remat_lib
+from blox_scale.stacking.layout import layer_metadata, stacked_metadata
 
 BlockFactory = Callable[[bx.Graph], bx.Module]
 
@@ -114,7 +114,7 @@ class Stack(bx.Module):
       by one. At init, layer i's seed is `fold_in(fold_in(seed,
       crc32(stack path)), i)`, so init does not depend on what was drawn
       before the stack.
-    remat: a name from `blox_scale.remat.POLICIES` or a callable policy.
+    remat: a name from `blox_scale.stacking.remat.POLICIES` or a callable policy.
     remat_names: names for 'save_names' / 'offload_names'.
     unroll: passed to `jax.lax.scan`.
     scan: False runs the same stacked params in a Python loop (debugging,
@@ -143,7 +143,7 @@ class Stack(bx.Module):
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
       raise ValueError(f'Stack {where}: num_layers must be an int >= 1, got {num_layers!r}.')
     if isinstance(block, (list, tuple)):
-      from blox_scale.group import Group  # a pattern of k different blocks
+      from blox_scale.stacking.group import Group  # a pattern of k different blocks
       k = len(block)
       if k == 0 or num_layers % k:
         raise ValueError(
@@ -311,7 +311,7 @@ class Stack(bx.Module):
             f'Stack {where}: param {_fmt(p)} has shape {shape}; every block param '
             f'needs a leading layer axis of size num_layers={L}, i.e. the same '
             'param for every layer. Per-layer params (layer_0/...) convert with '
-            'blox_scale.layout.restack.'
+            'blox_scale.stacking.layout.restack.'
         )
     layer_static = {p: (q.trainable, layer_metadata(q.metadata)) for p, q in stacked.items()}
 

@@ -1,0 +1,1 @@
+"""Scale-out: logical sharding rules and meshes, jax.distributed, process-local batches -> global arrays."""

@@ -1,0 +1,1 @@
+"""Scan over layers: `Stack` (stacked params, lax.scan, remat per layer), `Group`, remat policies, stacked <-> per-layer layouts."""

@@ -1,0 +1,1 @@
+"""Training pieces: config, data, tokenizers, optimizer, the train step, checkpoints, metrics."""
