@@ -7,6 +7,7 @@ checkpoints, metrics) and `cli/` (the command-line tools).
 """
 
 from blox_scale import flops, nn
+from blox_scale.interop import hf
 from blox_scale.models import DecoderLM
 from blox_scale.models.generate import generate
 from blox_scale.nn import MLP, Attention, TransformerBlock
@@ -25,6 +26,6 @@ from blox_scale.training.tokenizer import ByteTokenizer
 
 __all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat',
            'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer',
-           'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn']
+           'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn', 'hf']
 __all__ += ['distributed', 'sharding', 'make_mesh', 'rules_from_config', 'param_shardings', 'batch_sharding',
             'constrain', 'use_mesh_rules', 'TrainState', 'init_train_state', 'make_train_step', 'make_eval_step']
