@@ -104,7 +104,9 @@ class Module:
       dtype: param dtype; `None` means float32 when creating and no check when
         reading. An explicit dtype must match an existing param's.
       trainable: whether `params.split()` puts it with the trainable params.
-      metadata: static dict; `'sharding'` holds one logical axis name per dim.
+      metadata: static dict; `'sharding'` holds a logical axis name (or None)
+        per leading dim, stored as given; missing trailing entries mean None
+        (PartitionSpec semantics), more entries than dims are an error.
       rng: an Rng module; its next key is passed to `init` (the counter
         advances even when `init` ignores the key, so changing one
         initializer never reshuffles the others).
@@ -138,11 +140,14 @@ class Module:
     dtype = jnp.float32 if dtype is None else dtype
     meta = Metadata(metadata or {})
     axes = meta.get('sharding')
-    if axes is not None and len(axes) != len(shape):
+    if axes is not None and len(axes) > len(shape):
+      # Fewer names than dims is fine: as in a PartitionSpec (and in jax-blox),
+      # the missing trailing entries mean None.
       raise ValueError(
           f"Param {_fmt(path)}: metadata['sharding']={tuple(axes)!r} names "
           f'{len(axes)} axes but the param has shape {shape} ({len(shape)} '
-          'dims). Give one logical axis name (or None) per dimension.'
+          'dims). Give at most one logical axis name (or None) per dimension; '
+          'missing trailing entries mean None.'
       )
     if rng is not None:
       key, params = rng(params)
@@ -194,16 +199,57 @@ class Module:
     raise NotImplementedError(f'{type(self).__name__} must implement __call__(params, ...) -> (outputs, params).')
 
 
+def _manual_axes() -> dict[str, int]:
+  """`{mesh axis: size}` of the axes that are manual here (inside `jax.shard_map`), else `{}`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return {name: mesh.shape[name] for name in mesh.manual_axes}
+
+
+def _split_factors(ndim: int, axes: tuple[Any, ...], manual: Mapping[str, int]) -> tuple[int, ...]:
+  """Per dim, how many ways the manual mesh axes named in `axes` split it (1: whole)."""
+  factors = []
+  for d in range(ndim):
+    entry = axes[d] if d < len(axes) else None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    factors.append(int(np.prod([manual.get(n, 1) for n in names])))
+  return tuple(factors)
+
+
+def _per_device_match(have: tuple[int, ...], want: tuple[int, ...], axes: tuple[Any, ...]) -> bool | str:
+  """Inside shard_map, whether `want` is the global or the per-device shape of `have`.
+
+  A param sharded over manual mesh axes arrives as its per-device slice; a layer
+  asks for a shape built partly from its (global) configuration and partly from
+  its (per-device) inputs, so each dim may be either. Returns True when every
+  dim fits, else a description of the manual axes for the error ('' outside
+  shard_map, where no mismatch is allowed).
+  """
+  manual = _manual_axes()
+  if not manual:
+    return ''
+  factors = _split_factors(len(have), axes, manual)
+  if len(want) == len(have) and all(w in (h, h * f) for w, h, f in zip(want, have, factors)):
+    return True
+  global_shape = tuple(h * f for h, f in zip(have, factors))
+  return (
+      f" Inside shard_map over manual mesh axes {manual}, its metadata['sharding']="
+      f'{axes!r} makes the global shape {global_shape} (per device {have}); name the '
+      "mesh axes a dim is split over in the layer's *_metadata={'sharding': ...}."
+  )
+
+
 def _check_existing(path: Path, existing: Param, shape: Any, dtype: Any, what: str = 'requested with') -> None:
   value = existing.value
   have_shape = getattr(value, 'shape', None)
   if shape is not None and have_shape is not None and tuple(shape) != tuple(have_shape):
-    raise ParamMismatchError(
-        f'Param {_fmt(path)} exists with shape {tuple(have_shape)} but was '
-        f'{what} shape {tuple(shape)}. The input feature size probably changed '
-        'since init (or two modules share a graph node); re-initialise, or '
-        'fix the input shape.'
-    )
+    inside = _per_device_match(tuple(have_shape), tuple(shape), tuple(existing.sharding))
+    if inside is not True:
+      raise ParamMismatchError(
+          f'Param {_fmt(path)} exists with shape {tuple(have_shape)} but was '
+          f'{what} shape {tuple(shape)}. The input feature size probably changed '
+          'since init (or two modules share a graph node); re-initialise, or '
+          f'fix the input shape.{inside}'
+      )
   have_dtype = getattr(value, 'dtype', None)
   if dtype is not None and have_dtype is not None and _canonical(dtype) != _canonical(have_dtype):
     have, want = _dtype_name(have_dtype), _dtype_name(dtype)

@@ -187,10 +187,10 @@ def test_set_param_checks_shape_and_works_on_locked():
     m.set_param(params, 'w', jnp.ones(3))
 
 
-def test_sharding_axes_must_match_rank():
+def test_sharding_axes_beyond_rank_are_an_error():
   g = bx.Graph('n')
-  lin = bx.Linear(g.child('l'), 3, None, kernel_metadata={'sharding': ('a',)})
-  with pytest.raises(ValueError, match="names 1 axes but the param has shape \\(2, 3\\)"):
+  lin = bx.Linear(g.child('l'), 3, None, kernel_metadata={'sharding': ('a', None, 'b')})
+  with pytest.raises(ValueError, match="n/l/kernel.*names 3 axes but the param has shape \\(2, 3\\)"):
     lin(bx.Params(), jnp.ones((1, 2)))
 
 

@@ -86,8 +86,8 @@ def test_param_not_divisible_is_an_error_naming_path_dim_and_axis():
 
 def test_rank_mismatch_and_unknown_mesh_axis_are_errors():
   mesh = mesh_of(1, 2, 1)
-  bad_rank = bx.Params({('m', 'w'): bx.Param(jax.ShapeDtypeStruct((4, 4), jnp.float32), metadata={'sharding': ('embed',)})})
-  with pytest.raises(ValueError, match=r"Param m/w: 1 logical axes \('embed',\) for shape \(4, 4\)"):
+  bad_rank = bx.Params({('m', 'w'): bx.Param(jax.ShapeDtypeStruct((4, 4), jnp.float32), metadata={'sharding': ('embed', None, None)})})
+  with pytest.raises(ValueError, match=r"Param m/w: 3 logical axes \('embed', None, None\) for shape \(4, 4\)"):
     sharding.param_shardings(bad_rank, mesh, RULES)
   ok = bx.Params({('m', 'w'): bx.Param(jax.ShapeDtypeStruct((4,), jnp.float32), metadata={'sharding': ('embed',)})})
   with pytest.raises(ValueError, match=r"mesh.rules\['embed'\] maps to mesh axis 'pipeline'"):

@@ -181,15 +181,18 @@ def _axis_size(mesh: Mesh, entry: Any) -> int:
 def spec_for(path: str, shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Rules) -> PartitionSpec:
   """The PartitionSpec of one param, checking rank and divisibility.
 
-  `axes` are the logical names from `Param.metadata['sharding']`; `()` means
-  the param has none and is replicated.
+  `axes` are the logical names from `Param.metadata['sharding']`, one per
+  leading dim: as in a PartitionSpec, missing trailing entries mean None, so
+  `()` means the param is replicated.
   """
   if not axes:
     return PartitionSpec()
-  if len(axes) != len(shape):
+  if len(axes) > len(shape):
     raise ValueError(
         f'Param {path}: {len(axes)} logical axes {tuple(axes)} for shape {tuple(shape)}. '
-        "Give one name (or None) per dimension in metadata['sharding'].")
+        "Give at most one name (or None) per dimension in metadata['sharding'] "
+        '(missing trailing entries mean None).')
+  axes = tuple(axes) + (None,) * (len(shape) - len(axes))
   spec = logical_to_spec(axes, rules)
   for dim, (size, name, entry) in enumerate(zip(shape, axes, spec)):
     n = _axis_size(mesh, entry)
@@ -231,16 +234,22 @@ def state_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   optax states mirror the params pytree: `mu`/`nu` of Adam are `Params` whose
   `Param`s keep the metadata of the param they belong to, so they get exactly
   the param's sharding. Anything else (step counts, scalars, factored
-  statistics whose rank differs from the param's) is replicated: small by
-  construction, and always valid.
+  statistics whose shape differs from the param's, so that the param's axes
+  do not fit them) is replicated: small by construction, and always valid.
   """
   _check_rules(mesh, rules)
+
+  def fits(shape: tuple[int, ...], axes: tuple[Any, ...]) -> bool:
+    if len(axes) > len(shape):
+      return False
+    spec = logical_to_spec(axes, rules)
+    return all(size % _axis_size(mesh, entry) == 0 for size, entry in zip(shape, spec))
 
   def one(key_path: tuple, leaf: Any) -> Any:
     if _is_param(leaf):
       shape = np.shape(leaf.value)
-      axes = leaf.sharding
-      if axes and len(axes) == len(shape):
+      axes = tuple(leaf.sharding)
+      if axes and fits(shape, axes):
         spec = spec_for(_path_str(key_path), shape, axes, mesh, rules)
       else:
         spec = PartitionSpec()
