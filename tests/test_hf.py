@@ -24,10 +24,10 @@ from blox_scale.training.config import MeshConfig
 VOCAB, D, LAYERS, HEADS, KV, HD, MLP, POS = 64, 32, 2, 4, 2, 8, 48, 32
 
 
-def write_llama(path: Path, *, tie: bool = False, seed: int = 0, **extra) -> dict[str, np.ndarray]:
+def write_llama(path: Path, *, tie: bool = False, seed: int = 0, vocab: int = VOCAB, **extra) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
-  t = {'model.embed_tokens.weight': w(VOCAB, D), 'model.norm.weight': 1 + w(D)}
+  t = {'model.embed_tokens.weight': w(vocab, D), 'model.norm.weight': 1 + w(D)}
   for i in range(LAYERS):
     p = f'model.layers.{i}.'
     t.update({p + 'self_attn.q_proj.weight': w(HEADS * HD, D), p + 'self_attn.k_proj.weight': w(KV * HD, D),
@@ -36,8 +36,8 @@ def write_llama(path: Path, *, tie: bool = False, seed: int = 0, **extra) -> dic
               p + 'mlp.down_proj.weight': w(D, MLP), p + 'input_layernorm.weight': 1 + w(D),
               p + 'post_attention_layernorm.weight': 1 + w(D)})
   if not tie:
-    t['lm_head.weight'] = w(VOCAB, D)
-  config = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': VOCAB, 'hidden_size': D,
+    t['lm_head.weight'] = w(vocab, D)
+  config = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': vocab, 'hidden_size': D,
             'intermediate_size': MLP, 'num_hidden_layers': LAYERS, 'num_attention_heads': HEADS,
             'num_key_value_heads': KV, 'hidden_act': 'silu', 'max_position_embeddings': POS,
             'rms_norm_eps': 1e-5, 'rope_theta': 500000.0, 'tie_word_embeddings': tie, 'torch_dtype': 'float32', **extra}
@@ -47,11 +47,11 @@ def write_llama(path: Path, *, tie: bool = False, seed: int = 0, **extra) -> dic
   return t
 
 
-def write_gpt2(path: Path, seed: int = 1) -> dict[str, np.ndarray]:
+def write_gpt2(path: Path, seed: int = 1, vocab: int = VOCAB) -> dict[str, np.ndarray]:
   """The layout of the original `gpt2` repo: no 'transformer.' prefix, causal-mask buffers stored."""
   rng = np.random.default_rng(seed)
   w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
-  t = {'wte.weight': w(VOCAB, D), 'wpe.weight': w(POS, D), 'ln_f.weight': 1 + w(D), 'ln_f.bias': w(D)}
+  t = {'wte.weight': w(vocab, D), 'wpe.weight': w(POS, D), 'ln_f.weight': 1 + w(D), 'ln_f.bias': w(D)}
   for i in range(LAYERS):
     p = f'h.{i}.'
     t.update({p + 'ln_1.weight': 1 + w(D), p + 'ln_1.bias': w(D), p + 'attn.c_attn.weight': w(D, 3 * D),
@@ -59,7 +59,7 @@ def write_gpt2(path: Path, seed: int = 1) -> dict[str, np.ndarray]:
               p + 'ln_2.weight': 1 + w(D), p + 'ln_2.bias': w(D), p + 'mlp.c_fc.weight': w(D, 4 * D),
               p + 'mlp.c_fc.bias': w(4 * D), p + 'mlp.c_proj.weight': w(4 * D, D), p + 'mlp.c_proj.bias': w(D)})
   buffers = {f'h.{i}.attn.bias': np.tril(np.ones((POS, POS), np.float32))[None, None] for i in range(LAYERS)}
-  config = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': VOCAB, 'n_embd': D,
+  config = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': vocab, 'n_embd': D,
             'n_layer': LAYERS, 'n_head': HEADS, 'n_positions': POS, 'n_ctx': POS, 'n_inner': None,
             'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5}
   path.mkdir(parents=True, exist_ok=True)

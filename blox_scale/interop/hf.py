@@ -234,6 +234,16 @@ def parse_size(size: int | str) -> int:
   return int(float(m.group(1)) * base ** ('BKMGT'.index(unit[0])))
 
 
+def temp_dir_for(out_dir: Path) -> Path:
+  """A new directory next to `out_dir` (same filesystem, so the final rename is atomic)."""
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output should look like any new directory
+  return tmp
+
+
 def _tensor_plan(model: DecoderLM, family: Family) -> list[tuple[str, Rule, int | None]]:
   """(hf name, rule, layer) in writing order: embeddings, layer 0, layer 1, ..., final norm, head."""
   c = model.config
@@ -285,8 +295,7 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
         parts.append(np.asarray(jax.device_get(value[i] if i is not None else value)))
       yield name, rule.to_hf(tuple(parts), c).astype(np_dtype)
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent))
+  tmp = temp_dir_for(out_dir)
   try:
     (tmp / 'config.json').write_text(json.dumps(hf_config(c, dtype), indent=2) + '\n')
     st.write(tmp, shards, tensors, progress or (lambda n: None))

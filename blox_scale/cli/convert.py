@@ -1,0 +1,147 @@
+"""blox-convert: Hugging Face checkpoints <-> blox workdirs.
+
+    blox-convert hf-to-blox SRC WORKDIR [--dtype float32]
+    blox-convert blox-to-hf WORKDIR DST [--dtype ...] [--step N] [--max-shard-size 5GB]
+
+`hf-to-blox` writes `WORKDIR/config.yaml` and a step-0 checkpoint (the params
+plus a fresh optimizer state of the default optimizer), so that
+`blox-sample --checkpoint WORKDIR` samples from it and
+`blox-train --config WORKDIR/config.yaml` trains on from it. `blox-to-hf`
+writes config.json + safetensors (sharded with an index above
+--max-shard-size) that Hugging Face's `from_pretrained` reads.
+
+Both write into a temporary directory next to the destination and rename it
+at the end: a failure (a missing, unexpected or misshaped tensor is reported
+for every offender before anything is read) leaves no partial output.
+Errors print as `blox-convert: error: <path/key>: <what>; <fix>`; exit code 2
+for usage errors, 1 for failures during the conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PROG = 'blox-convert'
+
+
+class UsageError(Exception):
+  """A problem with the command line (exit code 2)."""
+
+
+def _fail(lines: list[str], code: int) -> int:
+  for line in lines:
+    print(f'{PROG}: error: {line}', file=sys.stderr)
+  return code
+
+
+def _bar(total: int, desc: str, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit='B', unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+              disable=not enabled)
+
+
+def _check_destination(path: Path) -> None:
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise UsageError(f'{path}: exists and is not an empty directory; choose a new destination or remove it')
+
+
+def hf_to_blox(src: Path, workdir: Path, dtype: str, progress: bool) -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from blox_scale.interop import hf, safetensors_io
+  from blox_scale.training.checkpoint import Checkpointer, save_config
+  from blox_scale.training.config import CheckpointConfig, Config, TrainConfig, validate
+  from blox_scale.training.optim import make_optimizer
+  from blox_scale.training.step import TrainState
+
+  _check_destination(workdir)
+  total = safetensors_io.Reader(src).nbytes()
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = hf.temp_dir_for(workdir)
+  try:
+    with _bar(total, 'read', progress) as bar:
+      model, params = hf.load(src, dtype=dtype, progress=bar.update)
+    defaults = Config()
+    config = Config(model=model.config, train=TrainConfig(workdir=str(workdir.absolute())),
+                    data=dataclasses.replace(defaults.data, seq_len=min(defaults.data.seq_len, model.config.max_seq_len)))
+    validate(config)
+    # A fresh optimizer state, exactly as blox-train would create it, so that the
+    # run resumes from step 0 with these params.
+    optimizer, _ = make_optimizer(config.optimizer, config.train.steps)
+    trainable, _ = params.split()
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(trainable))
+    checkpointer = Checkpointer(tmp, dataclasses.replace(CheckpointConfig(), async_save=False))
+    checkpointer.save(0, state)
+    checkpointer.close()
+    save_config(tmp, config)
+    if workdir.exists():
+      workdir.rmdir()  # empty (checked above)
+    os.replace(tmp, workdir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  print(f'wrote {workdir} (step 0): blox-sample --checkpoint {workdir} --prompt ...')
+
+
+def blox_to_hf(workdir: Path, dst: Path, dtype: str | None, step: int | None, max_shard_size: str,
+               progress: bool) -> None:
+  import numpy as np
+
+  from blox_scale.interop import hf
+  from blox_scale.training.checkpoint import load_for_inference
+
+  _check_destination(dst)
+  try:
+    size = hf.parse_size(max_shard_size)
+  except ValueError as e:
+    raise UsageError(f'--max-shard-size: {e}') from None
+  _, model, params = load_for_inference(workdir, step)
+  total = sum(int(np.prod(p.value.shape)) * p.value.dtype.itemsize for p in params.values() if p.trainable)
+  with _bar(total, 'write', progress) as bar:
+    hf.save(model, params, dst, max_shard_size=size, dtype=dtype, overwrite=True, progress=bar.update)
+  print(f'wrote {dst}: AutoModelForCausalLM.from_pretrained({str(dst)!r}) reads it')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog=PROG, description='Convert Hugging Face checkpoints to and from blox workdirs.')
+  sub = parser.add_subparsers(dest='command', required=True)
+  dtypes = ('float32', 'bfloat16', 'float16')
+  a = sub.add_parser('hf-to-blox', help='A Hugging Face directory (config.json + safetensors) -> a blox workdir.')
+  a.add_argument('src', type=Path, help='Directory with config.json and model.safetensors (or the sharded index).')
+  a.add_argument('workdir', type=Path, help='New blox workdir (must not exist or be empty).')
+  a.add_argument('--dtype', default='float32', choices=dtypes, help='Param dtype of the blox model.')
+  b = sub.add_parser('blox-to-hf', help='A blox workdir -> a Hugging Face directory.')
+  b.add_argument('workdir', type=Path, help='A blox workdir (or one of its checkpoint step directories).')
+  b.add_argument('dst', type=Path, help='New output directory (must not exist or be empty).')
+  b.add_argument('--dtype', default=None, choices=dtypes, help='Stored dtype (default: the params dtype).')
+  b.add_argument('--step', type=int, default=None, help='Checkpoint step (default: the latest).')
+  b.add_argument('--max-shard-size', default='5GB', help="Shard above this size, e.g. '5GB', '500MiB' or bytes.")
+  for p in (a, b):
+    p.add_argument('--no-progress', dest='progress', action='store_false', help='No progress bar.')
+  args = parser.parse_args(argv)
+
+  from blox_scale.interop.families import UnsupportedConfig
+  from blox_scale.interop.hf import ConversionError
+  try:
+    if args.command == 'hf-to-blox':
+      hf_to_blox(args.src, args.workdir, args.dtype, args.progress)
+    else:
+      blox_to_hf(args.workdir, args.dst, args.dtype, args.step, args.max_shard_size, args.progress)
+  except UsageError as e:
+    return _fail([str(e)], 2)
+  except (ConversionError, UnsupportedConfig) as e:
+    return _fail([f'{k}: {what}; {fix}' for k, what, fix in e.problems], 1)
+  except (FileNotFoundError, ValueError) as e:
+    return _fail([str(e)], 1)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
