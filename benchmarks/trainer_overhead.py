@@ -31,8 +31,8 @@ from blox_scale.parallel.distributed import make_global_batch
 from blox_scale.training.metrics import read_metrics
 from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
-from blox_scale.parallel.sharding import make_mesh, rules_from_config
-from blox_scale.training.step import init_train_state, make_train_step
+from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config
+from blox_scale.training.step import abstract_train_state, init_train_state, make_train_step, train_state_shardings
 from blox_scale.cli.train import train
 
 
@@ -43,9 +43,10 @@ class BareLoop:
     mesh, rules = make_mesh(cfg.mesh), rules_from_config(cfg.mesh)
     model = DecoderLM(bx.Graph('lm'), cfg.model)
     optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    self.state = init_train_state(model, optimizer, cfg.train.seed, mesh, rules)
-    self.step = make_train_step(model, optimizer, mesh, rules, grad_accum_steps=cfg.optimizer.grad_accum_steps,
-                                learning_rate_fn=schedule)
+    shardings = train_state_shardings(abstract_train_state(model, optimizer, cfg.train.seed), mesh, rules)
+    self.state = init_train_state(model, optimizer, cfg.train.seed, mesh, rules, shardings)
+    self.step = make_train_step(model, optimizer, mesh, rules, shardings, batch_sharding(mesh, rules),
+                                grad_accum_steps=cfg.optimizer.grad_accum_steps, learning_rate_fn=schedule)
     B, T = cfg.data.batch_size, cfg.data.seq_len
     self.tokens_per_step = B * T
     tokens = np.random.default_rng(0).integers(0, 256, (B, T + 1)).astype(np.int32)

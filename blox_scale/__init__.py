@@ -8,9 +8,9 @@ checkpoints, metrics) and `cli/` (the command-line tools).
 
 from blox_scale import flops, nn
 from blox_scale.interop import hf
-from blox_scale.models import DecoderLM
+from blox_scale.models import DecoderLM, ModelConfig
 from blox_scale.models.generate import generate
-from blox_scale.nn import MLP, Attention, TransformerBlock
+from blox_scale.nn import MLP, Attention, AttentionConfig, BlockConfig, MLPConfig, TransformerBlock
 from blox_scale.parallel import distributed, sharding
 from blox_scale.parallel.sharding import (
     batch_sharding, constrain, make_mesh, param_shardings, rules_from_config, use_mesh_rules,
@@ -21,11 +21,16 @@ from blox_scale.stacking.layout import restack, unstack
 from blox_scale.stacking.remat import POLICIES as REMAT_POLICIES
 from blox_scale.stacking.stack import Stack
 from blox_scale.training.optim import decay_mask, lr_schedule, make_optimizer
-from blox_scale.training.step import TrainState, init_train_state, make_eval_step, make_train_step
+from blox_scale.training.step import (
+    TrainState, abstract_batch, abstract_train_state, init_train_state, make_eval_step, make_train_step,
+    train_state_shardings,
+)
 from blox_scale.training.tokenizer import ByteTokenizer
 
 __all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat',
            'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer',
-           'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn', 'hf']
+           'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn', 'hf',
+           'ModelConfig', 'AttentionConfig', 'MLPConfig', 'BlockConfig']
 __all__ += ['distributed', 'sharding', 'make_mesh', 'rules_from_config', 'param_shardings', 'batch_sharding',
-            'constrain', 'use_mesh_rules', 'TrainState', 'init_train_state', 'make_train_step', 'make_eval_step']
+            'constrain', 'use_mesh_rules', 'TrainState', 'init_train_state', 'make_train_step', 'make_eval_step',
+            'abstract_train_state', 'train_state_shardings', 'abstract_batch']

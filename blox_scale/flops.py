@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from blox_scale.training.config import ModelConfig
+from blox_scale.models.config import ModelConfig
 
 # Dense bf16 peak FLOP/s of one JAX device (no 2:4 sparsity), from the
 # vendors' data sheets, keyed by a lower-case substring of `device.device_kind`.

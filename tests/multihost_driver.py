@@ -51,14 +51,15 @@ def run(cfg: Any, steps: int, batch: int, devices: Any = None, die_process: int 
   import blox as bx
   from blox_scale.parallel import sharding
   from blox_scale.models import DecoderLM
-  from blox_scale.training.step import init_train_state, make_train_step
+  from blox_scale.training.step import abstract_train_state, init_train_state, make_train_step, train_state_shardings
 
   mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = sharding.rules_from_config(cfg.mesh)
   model = DecoderLM(bx.Graph('lm'), cfg.model)
   optimizer = optax.adamw(1e-2)
-  state = init_train_state(model, optimizer, 0, mesh, rules)
-  train_step = make_train_step(model, optimizer, mesh, rules)
+  shardings = train_state_shardings(abstract_train_state(model, optimizer), mesh, rules)
+  state = init_train_state(model, optimizer, 0, mesh, rules, shardings)
+  train_step = make_train_step(model, optimizer, mesh, rules, shardings, sharding.batch_sharding(mesh, rules))
   rows = distributed.process_batch_slice(batch, mesh, rules)
   print(f'process {jax.process_index()}/{jax.process_count()} devices {jax.local_device_count()}/'
         f'{jax.device_count()} mesh {dict(mesh.shape)} rows {rows.start}:{rows.stop}', flush=True)

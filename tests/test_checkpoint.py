@@ -17,7 +17,7 @@ from blox_scale.training.checkpoint import Checkpointer, flat_names, load_for_in
 from blox_scale.training.config import CheckpointConfig, Config, MeshConfig, ModelConfig, load_config
 from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
-from blox_scale.parallel.sharding import make_mesh, rules_from_config
+from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
 from blox_scale.training.step import abstract_train_state, init_train_state, make_train_step, train_state_shardings
 
 from helpers import tree_allclose
@@ -37,7 +37,8 @@ def _setup(mesh_cfg: MeshConfig, devices=None):
 def _trained_state(mesh, rules, model, optimizer, steps=2):
   """A state with non-trivial optimizer moments and RNG counters."""
   state = init_train_state(model, optimizer, 0, mesh, rules)
-  step = make_train_step(model, optimizer, mesh, rules)
+  shardings = train_state_shardings(abstract_train_state(model, optimizer, 0), mesh, rules)
+  step = make_train_step(model, optimizer, mesh, rules, shardings, batch_sharding(mesh, rules))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 9)), jnp.int32)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'mask': jnp.ones((8, 8), jnp.float32)}
   for _ in range(steps):
@@ -47,8 +48,7 @@ def _trained_state(mesh, rules, model, optimizer, steps=2):
 
 def _abstract_on(mesh, rules, model, optimizer):
   abstract = abstract_train_state(model, optimizer, 0)
-  shardings = train_state_shardings(abstract, mesh, rules)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return with_shardings(abstract, train_state_shardings(abstract, mesh, rules))
 
 
 def _host(tree):

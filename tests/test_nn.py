@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import blox as bx
-from blox_scale.nn import MLP, Attention, TransformerBlock, apply_rope, attention_mask
+from blox_scale.nn import (MLP, Attention, AttentionConfig, BlockConfig, MLPConfig, TransformerBlock, apply_rope,
+                           attention_mask)
 from helpers import tree_allclose
 from lm_helpers import fill_params
 
@@ -190,8 +191,8 @@ ATTENTION_CASES = [
 
 @pytest.mark.parametrize('heads,kv_heads,window,qk_norm,bias,dtype', ATTENTION_CASES)
 def test_attention_matches_reference(heads, kv_heads, window, qk_norm, bias, dtype):
-  make = lambda g, rng, dt: Attention(g, heads, rng, num_kv_heads=kv_heads, sliding_window=window,
-                                      qk_norm=qk_norm, use_bias=bias, init_std=0.3, dtype=dt)
+  make = lambda g, rng, dt: Attention(g, AttentionConfig(num_heads=heads, num_kv_heads=kv_heads, sliding_window=window,
+                                                         qk_norm=qk_norm, use_bias=bias, init_std=0.3, dtype=dt), rng)
   ref = lambda w, x: ref_attention(w, x, num_heads=heads, num_kv_heads=kv_heads, window=window,
                                    qk_norm=qk_norm, bias=bias)
   call = lambda m, p, x: m(p, x, _positions())
@@ -209,7 +210,7 @@ def test_attention_cache_path_equals_full_sequence():
   """Prefill 4 tokens then 3 single steps through the cache == one causal pass."""
   g = bx.Graph('net')
   rng = bx.Rng(g.child('rng'))
-  attn = Attention(g.child('m'), 4, rng, num_kv_heads=2, sliding_window=3)
+  attn = Attention(g.child('m'), AttentionConfig(num_heads=4, num_kv_heads=2, sliding_window=3), rng)
   x = _x()
   seeded = rng.seed(bx.Params(), seed=0)
   params = fill_params(jax.eval_shape(lambda p: attn(p, x, _positions())[1], seeded))
@@ -244,15 +245,16 @@ def test_attention_mask_rules():
 
 def test_attention_rejects_bad_head_counts():
   with pytest.raises(ValueError, match='multiple of num_kv_heads=3'):
-    Attention(bx.Graph('n').child('a'), 4, None, num_kv_heads=3)
+    Attention(bx.Graph('n').child('a'), AttentionConfig(num_heads=4, num_kv_heads=3))
   with pytest.raises(ValueError, match="implementation='flash' is not one of"):
-    Attention(bx.Graph('n').child('a'), 4, None, implementation='flash')
+    Attention(bx.Graph('n').child('a'), AttentionConfig(num_heads=4, implementation='flash'))
 
 
 @pytest.mark.parametrize('activation,bias,dtype', [
     ('swiglu', False, None), ('gelu', True, None), ('swiglu', False, BF16), ('gelu', True, BF16)])
 def test_mlp_matches_reference(activation, bias, dtype):
-  make = lambda g, rng, dt: MLP(g, 32, D, rng, activation=activation, use_bias=bias, init_std=0.3, dtype=dt)
+  make = lambda g, rng, dt: MLP(
+      g, MLPConfig(mlp_dim=32, d_model=D, activation=activation, use_bias=bias, init_std=0.3, dtype=dt), rng)
   params = check(make, lambda w, x: ref_mlp(w, x, activation, bias), _x(), dtype)
   axes = {'/'.join(k[2:]): v.sharding for k, v in params.items() if k[1] == 'm'}
   assert axes['wo/kernel'] == ('mlp', 'embed')
@@ -274,9 +276,9 @@ def _ref_block(w, x, norm, heads, kv_heads, window, qk_norm):
 @pytest.mark.parametrize('norm,dtype', [('rmsnorm', None), ('layernorm', None), ('rmsnorm', BF16)])
 def test_block_matches_reference(norm, dtype):
   act = 'swiglu' if norm == 'rmsnorm' else 'gelu'
-  make = lambda g, rng, dt: TransformerBlock(
-      g, d_model=D, num_heads=4, num_kv_heads=2, mlp_dim=32, rng=rng, norm=norm, mlp_activation=act,
-      sliding_window=4, qk_norm=norm == 'rmsnorm', init_std=0.3, dtype=dt)
+  make = lambda g, rng, dt: TransformerBlock(g, BlockConfig.create(
+      d_model=D, num_heads=4, num_kv_heads=2, mlp_dim=32, norm=norm, activation=act,
+      sliding_window=4, qk_norm=norm == 'rmsnorm', init_std=0.3, dtype=dt), rng)
   ref = lambda w, x: _ref_block(w, x, norm, 4, 2, 4, norm == 'rmsnorm')
   x = _x()
   if dtype is not None:
@@ -289,7 +291,7 @@ def test_block_matches_reference(norm, dtype):
 def test_block_tags_checkpoint_names_and_dropout():
   g = bx.Graph('net')
   rng = bx.Rng(g.child('rng'))
-  block = TransformerBlock(g.child('b'), d_model=D, num_heads=4, mlp_dim=32, rng=rng, dropout_rate=0.5)
+  block = TransformerBlock(g.child('b'), BlockConfig.create(d_model=D, num_heads=4, mlp_dim=32, dropout_rate=0.5), rng)
   params = fill_params(jax.eval_shape(lambda p: block(p, _x())[1], rng.seed(bx.Params(), seed=0)))
   text = str(jax.make_jaxpr(lambda p, x: block(p, x)[0])(params, _x()))
   for name in ('qkv', 'attn_out', 'mlp_hidden', 'mlp_out'):
@@ -309,6 +311,6 @@ def test_block_tags_checkpoint_names_and_dropout():
 
 
 def test_block_rejects_wrong_width():
-  block = TransformerBlock(bx.Graph('n').child('b'), d_model=D, num_heads=4, mlp_dim=32, rng=None)
+  block = TransformerBlock(bx.Graph('n').child('b'), BlockConfig.create(d_model=D, num_heads=4, mlp_dim=32))
   with pytest.raises(ValueError, match=r'expected x: \[batch, seq, 16\]'):
     block(bx.Params(), jnp.ones((1, 3, 8)))

@@ -11,8 +11,8 @@ import blox as bx
 from blox_scale.parallel import sharding
 from blox_scale.training.config import MeshConfig, load_config
 from blox_scale.models import DecoderLM
-from blox_scale.training.step import (TrainState, init_train_state, make_eval_step, make_train_step, sharded_init_fn,
-                             train_state_shardings)
+from blox_scale.training.step import (TrainState, abstract_train_state, init_train_state, make_eval_step,
+                                      make_train_step, sharded_init_fn, train_state_shardings)
 
 RULES = sharding.rules_from_config(MeshConfig())
 SEQ = 16
@@ -54,10 +54,16 @@ OPTIMIZER = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2)
 _STEPS: dict = {}
 
 
+def train_step_of(model, optimizer, mesh, rules, **kw):
+  """`make_train_step` with the shardings computed once, as blox-train does."""
+  shardings = train_state_shardings(abstract_train_state(model, optimizer), mesh, rules)
+  return make_train_step(model, optimizer, mesh, rules, shardings, sharding.batch_sharding(mesh, rules), **kw)
+
+
 def step_for(mesh, rules):
   key = (tuple(mesh.shape.items()), tuple(mesh.devices.flat), tuple(sorted((k, str(v)) for k, v in rules.items())))
   if key not in _STEPS:
-    _STEPS[key] = make_train_step(MODEL, OPTIMIZER, mesh, rules)
+    _STEPS[key] = train_step_of(MODEL, OPTIMIZER, mesh, rules)
   return _STEPS[key]
 
 
@@ -115,7 +121,7 @@ def test_grad_accumulation_equals_the_full_batch_gradient():
   for k in (1, 2):
     state = init_train_state(model, opt, 0, mesh, RULES)
     before = jax.device_get(state.params.split()[0].values_dict())
-    state, metrics = make_train_step(model, opt, mesh, RULES, grad_accum_steps=k)(state, batch)
+    state, metrics = train_step_of(model, opt, mesh, RULES, grad_accum_steps=k)(state, batch)
     after = jax.device_get(state.params.split()[0].values_dict())
     grads = {p: before[p] - after[p] for p in before}
     np.testing.assert_allclose(metrics['loss'], ref_loss, rtol=1e-5)
@@ -175,7 +181,7 @@ def test_eval_step_and_user_loop_contract():
   batch = make_batch(5)
   unsharded = jax.device_get(state.params)
   want, _ = jax.jit(lambda p: MODEL.loss(p, batch, is_training=False))(unsharded)
-  got = make_eval_step(MODEL, mesh, RULES)(state.params, batch)
+  got = make_eval_step(MODEL, mesh, RULES, sharding.batch_sharding(mesh, RULES))(state.params, batch)
   np.testing.assert_allclose(got['loss'], want, rtol=1e-5)
   old_param = state.params[('lm', 'embed', 'embedding')].value
   state, metrics = step_for(mesh, RULES)(state, batch)

@@ -58,18 +58,6 @@ def _ensure_devices(n: int, argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, '-m', 'blox_scale.cli.plan', *argv])
 
 
-def _optimizer(cfg: Any) -> Any:
-  """The trainer's optimizer when available (its state is what training holds)."""
-  try:
-    from blox_scale.training.optim import make_optimizer
-    optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
-    return optimizer
-  except ImportError:
-    import optax
-    return optax.adamw(cfg.optimizer.learning_rate, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2,
-                       weight_decay=cfg.optimizer.weight_decay)
-
-
 def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = None,
          seq_len: int | None = None, grad_accum_steps: int | None = None,
          remat_names: tuple[str, ...] = ('attn_out', 'mlp_out')) -> list[PlanRow]:
@@ -78,16 +66,14 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = Non
   Returns one PlanRow per policy (a policy that fails to compile, e.g.
   host offload on a backend without host memory, gets `error` set).
   """
-  import jax
-  import jax.numpy as jnp
-
   import blox as bx
-  from blox_scale.parallel import sharding
   from blox_scale.models import DecoderLM
-  from blox_scale.training.step import abstract_train_state, make_train_step, train_state_shardings
+  from blox_scale.parallel import sharding
+  from blox_scale.training.optim import make_optimizer
+  from blox_scale.training.step import abstract_batch, abstract_train_state, make_train_step, train_state_shardings
 
   rules = sharding.rules_from_config(cfg.mesh)
-  optimizer = _optimizer(cfg)
+  optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)  # the trainer's: its state is what training holds
   b = batch_size or cfg.data.batch_size
   t = seq_len or cfg.data.seq_len
   k = grad_accum_steps or cfg.optimizer.grad_accum_steps
@@ -95,12 +81,8 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = Non
   if b % (shards * k):
     raise ValueError(f'data.batch_size={b} must be divisible by the batch shards ({shards}) x '
                      f'grad_accum_steps ({k}); change the batch size or the mesh.')
-  batch_sh = sharding.batch_sharding(mesh, rules, 2)
-  batch = {
-      'inputs': jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_sh),
-      'targets': jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_sh),
-      'mask': jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=batch_sh),
-  }
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  batch = abstract_batch(b, t, batch_sh)
   rows = []
   for remat in remats:
     names = cfg.model.remat_names or remat_names
@@ -108,13 +90,13 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = Non
     model = DecoderLM(bx.Graph('lm'), model_cfg)
     abstract = abstract_train_state(model, optimizer)
     shardings = train_state_shardings(abstract, mesh, rules)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    state = sharding.with_shardings(abstract, shardings)
     params_b = sharding.shard_bytes(abstract.params, shardings.params)
     opt_b = sharding.shard_bytes(abstract.opt_state, shardings.opt_state)
-    batch_b = sharding.shard_bytes(batch, {k_: batch_sh for k_ in batch})
+    batch_b = sharding.shard_bytes(batch, {name: batch_sh for name in batch})
     start = time.perf_counter()
     try:
-      step = make_train_step(model, optimizer, mesh, rules, grad_accum_steps=k)
+      step = make_train_step(model, optimizer, mesh, rules, shardings, batch_sh, grad_accum_steps=k)
       mem = step.lower(state, batch).compile().memory_analysis()
     except Exception as e:  # noqa: BLE001  (report the policy as unavailable, keep going)
       rows.append(PlanRow(remat, params_b, opt_b, batch_b, 0, 0, time.perf_counter() - start,

@@ -43,8 +43,9 @@ from blox_scale.training.data import build_data
 from blox_scale.training.metrics import MetricsWriter, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
 from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
-from blox_scale.parallel.sharding import batch_shardings, make_mesh, rules_from_config
-from blox_scale.training.step import abstract_train_state, init_train_state, make_eval_step, make_train_step, train_state_shardings
+from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
+from blox_scale.training.step import (abstract_batch, abstract_train_state, init_train_state, make_eval_step,
+                                      make_train_step, train_state_shardings)
 from blox_scale.training.tokenizer import get_tokenizer
 
 EXIT_OK, EXIT_ERROR, EXIT_NONFINITE = 0, 1, 2
@@ -104,8 +105,9 @@ def train(config: Config) -> int:
   model = DecoderLM(bx.Graph('lm'), cfg.model)
   optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
   abstract = abstract_train_state(model, optimizer, cfg.train.seed)
-  shardings = train_state_shardings(abstract, mesh, rules)  # errors name a param that does not divide
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  state_shardings = train_state_shardings(abstract, mesh, rules)  # errors name a param that does not divide
+  batch_shardings = batch_sharding(mesh, rules)
+  abstract = with_shardings(abstract, state_shardings)
   num_params = sum(int(np.prod(p.shape)) for p in abstract.params.values() if p.trainable)
   log(f'model: {num_params / 1e6:.2f}M trainable params, {cfg.model.num_layers} layers, d_model {cfg.model.d_model}')
 
@@ -117,7 +119,7 @@ def train(config: Config) -> int:
     state, data_state = checkpoints.restore(latest, abstract)
     log(f'resumed from {checkpoints.directory}/{latest}')
   else:
-    state = init_train_state(model, optimizer, cfg.train.seed, mesh, rules)
+    state = init_train_state(model, optimizer, cfg.train.seed, mesh, rules, state_shardings)
   step = int(latest or 0)
   if primary:
     save_config(workdir, cfg)
@@ -129,15 +131,11 @@ def train(config: Config) -> int:
       f'{data.num_eval_windows:,} eval windows of {cfg.data.seq_len}; unigram entropy {data.unigram_entropy:.3f} nats')
 
   # -- 7. step: compile ahead of time ---------------------------------------------------------------
-  train_step = make_train_step(model, optimizer, mesh, rules, grad_accum_steps=cfg.optimizer.grad_accum_steps,
-                               learning_rate_fn=schedule)
-  eval_step = make_eval_step(model, mesh, rules)
-  batch_spec = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.float32 if k == 'mask' else jnp.int32)
-                for k in ('inputs', 'targets', 'mask')}
-  in_batch_shardings = batch_shardings(batch_spec, mesh, rules)
+  train_step = make_train_step(model, optimizer, mesh, rules, state_shardings, batch_shardings,
+                               grad_accum_steps=cfg.optimizer.grad_accum_steps, learning_rate_fn=schedule)
+  eval_step = make_eval_step(model, mesh, rules, batch_shardings)
   t0 = time.perf_counter()
-  compiled = train_step.lower(abstract, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_batch_shardings[k])
-                                         for k, v in batch_spec.items()}).compile()
+  compiled = train_step.lower(abstract, abstract_batch(cfg.data.batch_size, cfg.data.seq_len, batch_shardings)).compile()
   compile_s = time.perf_counter() - t0
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
@@ -171,7 +169,7 @@ def train(config: Config) -> int:
     last_step, last = pending[-1][0], values[-1]
     record = {'kind': 'train', 'step': last_step, 'time': time.time(),
               'loss': float(np.mean([v['loss'] for v in values])),
-              'learning_rate': float(last.get('learning_rate', schedule(last_step - 1))),
+              'learning_rate': float(last['learning_rate']),
               'grad_norm': float(last['grad_norm']), **rates}
     record.update({k: float(v) for k, v in last.items() if k not in record and k != 'finite'})
     pending.clear()

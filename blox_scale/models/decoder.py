@@ -3,7 +3,7 @@
     tokens -> embed (+ learned positions) -> Stack(TransformerBlock) x L
            -> final norm -> logits (tied embedding or own head), float32
 
-The whole model is configured by `ModelConfig` (blox_scale/training/config.py); the
+The whole model is configured by `ModelConfig` (blox_scale/models/config.py); the
 presets in configs/ give GPT-2 and Llama shapes. Params live under the graph
 given to the constructor:
 
@@ -17,7 +17,6 @@ given to the constructor:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 
 import blox as bx
 from blox.layers._common import DType, cast
-from blox_scale.training.config import ModelConfig
+from blox_scale.models.config import ModelConfig
 from blox_scale.nn.attention import Cache, attention_mask
 from blox_scale.nn.block import TransformerBlock, make_norm
 from blox_scale.parallel.sharding import constrain
@@ -74,9 +73,7 @@ class DecoderLM:
   loss, (metrics, params) = model.loss(params, batch, is_training=True)
   ```
   `DecoderLM` is not itself a `bx.Module` (the root graph binds none); its
-  parts are. Residual-branch output projections (attention `o`, MLP `wo`)
-  start with std `init_std / sqrt(2 * num_layers)` (GPT-2), so the residual
-  stream's variance at init does not grow with depth.
+  parts are. Every layer is a `TransformerBlock(graph, config.block(), rng)`.
   """
 
   def __init__(self, graph: bx.Graph, config: ModelConfig, *, attention_impl: str | None = None) -> None:
@@ -99,14 +96,8 @@ class DecoderLM:
       self.pos_embed = bx.Embed(graph.child('pos_embed'), c.max_seq_len, c.d_model, self.rng, embedding_init=init,
                                 embedding_metadata={'sharding': (None, 'embed')},
                                 param_dtype=self.param_dtype, dtype=self.dtype)
-    out_std = c.init_std / math.sqrt(2 * c.num_layers)
-    block = lambda g: TransformerBlock(
-        g, d_model=c.d_model, num_heads=c.num_heads, mlp_dim=c.mlp_dim, rng=self.rng,
-        num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, mlp_activation=c.mlp_activation, norm=c.norm,
-        norm_eps=c.norm_eps, qk_norm=c.qk_norm, use_rope=c.position == 'rope', rope_theta=c.rope_theta,
-        sliding_window=c.sliding_window, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
-        init_std=c.init_std, out_init_std=out_std, attention_impl=attention_impl,
-        param_dtype=self.param_dtype, dtype=self.dtype)
+    block_config = c.block(attention_impl)
+    block = lambda g: TransformerBlock(g, block_config, self.rng)
     self.layers = Stack(graph.child('layers'), block, c.num_layers, rng=self.rng, remat=c.remat,
                         remat_names=c.remat_names, scan=c.scan_layers)
     self.final_norm = make_norm(graph.child('final_norm'), c.norm, c.norm_eps, self.param_dtype, self.dtype)

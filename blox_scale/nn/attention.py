@@ -29,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import blox as bx
 from blox.layers._common import DType, cast, compute_dtype
+from blox_scale.nn.config import AttentionConfig
 from blox_scale.nn.rope import apply_rope
 
 Cache = dict[str, jax.Array]
@@ -76,72 +77,46 @@ class Attention(bx.Module):
   the compute dtype.
   """
 
-  def __init__(
-      self,
-      graph: bx.Graph,
-      num_heads: int,
-      rng: bx.Rng | None,
-      *,
-      num_kv_heads: int = 0,
-      head_dim: int = 0,
-      use_bias: bool = False,
-      qk_norm: bool = False,
-      norm_eps: float = 1e-5,
-      use_rope: bool = True,
-      rope_theta: float = 10000.0,
-      sliding_window: int = 0,
-      init_std: float = 0.02,
-      out_init_std: float | None = None,
-      implementation: str | None = None,
-      param_dtype: DType = jnp.float32,
-      dtype: DType | None = None,
-  ) -> None:
+  def __init__(self, graph: bx.Graph, config: AttentionConfig, rng: bx.Rng | None = None) -> None:
     super().__init__(graph)
-    num_kv_heads = num_kv_heads or num_heads
+    c = config
+    num_kv_heads = c.num_kv_heads or c.num_heads
     where = '/'.join(graph.path)
-    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+    if c.num_heads < 1 or num_kv_heads < 1 or c.num_heads % num_kv_heads:
       raise ValueError(
-          f'Attention {where}: num_heads={num_heads} must be a positive multiple of '
+          f'Attention {where}: num_heads={c.num_heads} must be a positive multiple of '
           f'num_kv_heads={num_kv_heads} (1 = multi-query, num_heads = multi-head).')
-    if sliding_window < 0:
-      raise ValueError(f'Attention {where}: sliding_window={sliding_window} must be >= 0 (0 = full causal).')
-    self.num_heads = num_heads
-    self.num_kv_heads = num_kv_heads
-    self.head_dim = head_dim
-    self.rng = rng
-    self.use_bias = use_bias
-    self.use_rope = use_rope
-    self.rope_theta = rope_theta
-    self.sliding_window = sliding_window
-    self.init_std = init_std
-    self.out_init_std = init_std if out_init_std is None else out_init_std
+    if c.sliding_window < 0:
+      raise ValueError(f'Attention {where}: sliding_window={c.sliding_window} must be >= 0 (0 = full causal).')
     # `jax.nn.dot_product_attention(implementation=...)` for the full-sequence
     # path: None is XLA's fused-by-compiler version (any platform); 'cudnn'
     # is the cuDNN flash-attention kernel on NVIDIA GPUs (bf16/fp16 only). The
     # cached decode path always uses XLA (its explicit mask is arbitrary).
-    if implementation not in (None, 'xla', 'cudnn'):
-      raise ValueError(f"Attention {where}: implementation={implementation!r} is not one of None, 'xla', 'cudnn'.")
-    self.implementation = implementation
-    self.param_dtype = param_dtype
-    self.dtype = dtype
+    if c.implementation not in (None, 'xla', 'cudnn'):
+      raise ValueError(f"Attention {where}: implementation={c.implementation!r} is not one of None, 'xla', 'cudnn'.")
+    self.config = c
+    self.num_heads = c.num_heads
+    self.num_kv_heads = num_kv_heads
+    self.rng = rng
+    self.out_init_std = c.init_std if c.out_init_std is None else c.out_init_std
     self.q_norm = self.k_norm = None
-    if qk_norm:
+    if c.qk_norm:
       # Per-head RMSNorm of q and k (Gemma 3, OLMo 2, Qwen 3): bounds the
       # attention logits, which otherwise grow with training and blow up bf16.
-      self.q_norm = bx.RMSNorm(graph.child('q_norm'), epsilon=norm_eps, param_dtype=param_dtype, dtype=dtype)
-      self.k_norm = bx.RMSNorm(graph.child('k_norm'), epsilon=norm_eps, param_dtype=param_dtype, dtype=dtype)
+      norm = lambda name: bx.RMSNorm(graph.child(name), epsilon=c.norm_eps, param_dtype=c.param_dtype, dtype=c.dtype)
+      self.q_norm, self.k_norm = norm('q_norm'), norm('k_norm')
 
   def _proj(self, params: bx.Params, name: str, x: jax.Array, heads: int, head_dim: int,
             axis: str) -> tuple[jax.Array, bx.Params]:
     """`x: [B, T, D]` -> `[B, T, heads, head_dim]` in the compute dtype."""
     kernel, params = self.get_param(
-        params, name, (x.shape[-1], heads, head_dim), _normal(self.init_std), dtype=self.param_dtype,
+        params, name, (x.shape[-1], heads, head_dim), _normal(self.config.init_std), dtype=self.config.param_dtype,
         metadata={'sharding': ('embed', axis, 'head_dim')}, rng=self.rng)
-    dtype = compute_dtype(self.dtype, x, kernel)
+    dtype = compute_dtype(self.config.dtype, x, kernel)
     y = jnp.einsum('btd,dnh->btnh', cast(x, dtype), cast(kernel, dtype))
-    if self.use_bias:
+    if self.config.use_bias:
       bias, params = self.get_param(
-          params, f'{name}_bias', (heads, head_dim), jax.nn.initializers.zeros, dtype=self.param_dtype,
+          params, f'{name}_bias', (heads, head_dim), jax.nn.initializers.zeros, dtype=self.config.param_dtype,
           metadata={'sharding': (axis, 'head_dim')}, rng=self.rng)
       y = y + cast(bias, dtype)[None, None]
     return y, params
@@ -157,7 +132,7 @@ class Attention(bx.Module):
       cache_index: jax.Array | int = 0,
   ) -> tuple[Any, bx.Params]:
     d_model = x.shape[-1]
-    head_dim = self.head_dim or d_model // self.num_heads
+    head_dim = self.config.head_dim or d_model // self.num_heads
     q, params = self._proj(params, 'q', x, self.num_heads, head_dim, 'heads')       # [B, T, N, H]
     k, params = self._proj(params, 'k', x, self.num_kv_heads, head_dim, 'kv_heads')  # [B, T, K, H]
     v, params = self._proj(params, 'v', x, self.num_kv_heads, head_dim, 'kv_heads')  # [B, T, K, H]
@@ -166,17 +141,17 @@ class Attention(bx.Module):
       q, params = self.q_norm(params, q)
       k, params = self.k_norm(params, k)
       q, k = cast(q, dtype), cast(k, dtype)
-    if self.use_rope:
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
+    if self.config.use_rope:
+      q = apply_rope(q, positions, self.config.rope_theta)
+      k = apply_rope(k, positions, self.config.rope_theta)
     q = checkpoint_name(q, 'qkv')
     k = checkpoint_name(k, 'qkv')
     v = checkpoint_name(v, 'qkv')
 
     if cache is None:
-      window = (self.sliding_window - 1, 0) if self.sliding_window > 0 else None
+      window = (self.config.sliding_window - 1, 0) if self.config.sliding_window > 0 else None
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=window,
-                                         implementation=self.implementation)
+                                         implementation=self.config.implementation)
       new_kv = None
     else:
       if mask is None:
@@ -192,12 +167,12 @@ class Attention(bx.Module):
       new_kv = {'k': cast(k, cache['k'].dtype), 'v': cast(v, cache['v'].dtype)}
 
     o_kernel, params = self.get_param(
-        params, 'o', (self.num_heads, head_dim, d_model), _normal(self.out_init_std), dtype=self.param_dtype,
+        params, 'o', (self.num_heads, head_dim, d_model), _normal(self.out_init_std), dtype=self.config.param_dtype,
         metadata={'sharding': ('heads', 'head_dim', 'embed')}, rng=self.rng)
     y = jnp.einsum('btnh,nhd->btd', out, cast(o_kernel, dtype))
-    if self.use_bias:
+    if self.config.use_bias:
       o_bias, params = self.get_param(
-          params, 'o_bias', (d_model,), jax.nn.initializers.zeros, dtype=self.param_dtype,
+          params, 'o_bias', (d_model,), jax.nn.initializers.zeros, dtype=self.config.param_dtype,
           metadata={'sharding': ('embed',)}, rng=self.rng)
       y = y + cast(o_bias, dtype)[None, None]
     y = checkpoint_name(y, 'attn_out')

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import blox as bx
 from blox.layers._common import DType
 from blox_scale.nn.attention import Attention, Cache
+from blox_scale.nn.config import BlockConfig
 from blox_scale.nn.mlp import MLP
 from blox_scale.parallel.sharding import constrain
 
@@ -41,50 +42,23 @@ class TransformerBlock(bx.Module):
   `x: [batch, T, d_model]` -> `y` of the same shape and dtype (the scan carry);
   `positions: int[batch, T]`; cache and mask as in `Attention`.
   Children: norm_1, attn, norm_2, mlp (and dropout with `dropout_rate > 0`).
+  `config`: a `BlockConfig` (`BlockConfig.create(d_model=..., num_heads=...)`
+  or `ModelConfig.block()`).
   """
 
-  def __init__(
-      self,
-      graph: bx.Graph,
-      *,
-      d_model: int,
-      num_heads: int,
-      mlp_dim: int,
-      rng: bx.Rng | None,
-      num_kv_heads: int = 0,
-      head_dim: int = 0,
-      mlp_activation: str = 'swiglu',
-      norm: str = 'rmsnorm',
-      norm_eps: float = 1e-5,
-      qk_norm: bool = False,
-      use_rope: bool = True,
-      rope_theta: float = 10000.0,
-      sliding_window: int = 0,
-      use_bias: bool = False,
-      dropout_rate: float = 0.0,
-      init_std: float = 0.02,
-      out_init_std: float | None = None,
-      attention_impl: str | None = None,
-      param_dtype: DType = jnp.float32,
-      dtype: DType | None = None,
-  ) -> None:
+  def __init__(self, graph: bx.Graph, config: BlockConfig, rng: bx.Rng | None = None) -> None:
     super().__init__(graph)
-    self.d_model = d_model
-    self.norm_1 = make_norm(graph.child('norm_1'), norm, norm_eps, param_dtype, dtype)
-    self.attn = Attention(
-        graph.child('attn'), num_heads, rng, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        use_bias=use_bias, qk_norm=qk_norm, norm_eps=norm_eps, use_rope=use_rope,
-        rope_theta=rope_theta, sliding_window=sliding_window, init_std=init_std,
-        out_init_std=out_init_std, implementation=attention_impl, param_dtype=param_dtype, dtype=dtype)
-    self.norm_2 = make_norm(graph.child('norm_2'), norm, norm_eps, param_dtype, dtype)
-    self.mlp = MLP(
-        graph.child('mlp'), mlp_dim, d_model, rng, activation=mlp_activation, use_bias=use_bias,
-        init_std=init_std, out_init_std=out_init_std, param_dtype=param_dtype, dtype=dtype)
+    c = config
+    self.config = c
+    self.norm_1 = make_norm(graph.child('norm_1'), c.norm, c.norm_eps, c.param_dtype, c.dtype)
+    self.attn = Attention(graph.child('attn'), c.attention, rng)
+    self.norm_2 = make_norm(graph.child('norm_2'), c.norm, c.norm_eps, c.param_dtype, c.dtype)
+    self.mlp = MLP(graph.child('mlp'), c.mlp, rng)
     self.dropout = None
-    if dropout_rate > 0.0:
+    if c.dropout_rate > 0.0:
       if rng is None:
-        raise ValueError(f"TransformerBlock {'/'.join(graph.path)}: dropout_rate={dropout_rate} needs rng=bx.Rng.")
-      self.dropout = bx.Dropout(graph.child('dropout'), dropout_rate, rng)
+        raise ValueError(f"TransformerBlock {'/'.join(graph.path)}: dropout_rate={c.dropout_rate} needs rng=bx.Rng.")
+      self.dropout = bx.Dropout(graph.child('dropout'), c.dropout_rate, rng)
 
   def _drop(self, params: bx.Params, x: jax.Array, is_training: bool) -> tuple[jax.Array, bx.Params]:
     if self.dropout is None:
@@ -102,9 +76,9 @@ class TransformerBlock(bx.Module):
       cache_index: jax.Array | int = 0,
       is_training: bool = False,
   ) -> tuple[Any, bx.Params]:
-    if x.ndim != 3 or x.shape[-1] != self.d_model:
+    if x.ndim != 3 or x.shape[-1] != self.config.d_model:
       raise ValueError(
-          f"TransformerBlock {'/'.join(self.graph.path)}: expected x: [batch, seq, {self.d_model}], got {x.shape}.")
+          f"TransformerBlock {'/'.join(self.graph.path)}: expected x: [batch, seq, {self.config.d_model}], got {x.shape}.")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape[:2])
     x = constrain(x, ('batch', 'seq', 'embed'))

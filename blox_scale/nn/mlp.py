@@ -9,17 +9,16 @@ Params (logical axes):
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import blox as bx
-from blox.layers._common import DType
+from blox_scale.nn.config import MLPConfig
 
 ACTIVATIONS = ('gelu', 'swiglu')
 
 
 class MLP(bx.Module):
-  """`x: [..., embed]` -> `[..., output_size]` (usually output_size = embed).
+  """`x: [..., embed]` -> `[..., d_model]` (`config.d_model`, usually the input width).
 
   gelu:   `wo(gelu(wi x))` (tanh approximation, as GPT-2).
   swiglu: `wo(silu(wi_gate x) * wi_up x)` (Shazeer 2020, "GLU Variants").
@@ -27,43 +26,30 @@ class MLP(bx.Module):
   `remat='save_names'`.
   """
 
-  def __init__(
-      self,
-      graph: bx.Graph,
-      hidden_size: int,
-      output_size: int,
-      rng: bx.Rng | None,
-      *,
-      activation: str = 'swiglu',
-      use_bias: bool = False,
-      init_std: float = 0.02,
-      out_init_std: float | None = None,
-      param_dtype: DType = jnp.float32,
-      dtype: DType | None = None,
-  ) -> None:
+  def __init__(self, graph: bx.Graph, config: MLPConfig, rng: bx.Rng | None = None) -> None:
     super().__init__(graph)
-    if activation not in ACTIVATIONS:
-      raise ValueError(f"MLP {'/'.join(graph.path)}: activation={activation!r} is not one of {ACTIVATIONS}.")
-    self.hidden_size = hidden_size
-    self.activation = activation
-    out_std = init_std if out_init_std is None else out_init_std
+    c = config
+    if c.activation not in ACTIVATIONS:
+      raise ValueError(f"MLP {'/'.join(graph.path)}: activation={c.activation!r} is not one of {ACTIVATIONS}.")
+    self.config = c
+    out_std = c.init_std if c.out_init_std is None else c.out_init_std
 
     def linear(name: str, size: int, axes: tuple[str, str], std: float) -> bx.Linear:
       return bx.Linear(
-          graph.child(name), size, rng, use_bias=use_bias,
+          graph.child(name), size, rng, use_bias=c.use_bias,
           kernel_init=jax.nn.initializers.normal(stddev=std),
           kernel_metadata={'sharding': axes}, bias_metadata={'sharding': axes[1:]},
-          param_dtype=param_dtype, dtype=dtype)
+          param_dtype=c.param_dtype, dtype=c.dtype)
 
-    if activation == 'swiglu':
-      self.wi_gate = linear('wi_gate', hidden_size, ('embed', 'mlp'), init_std)
-      self.wi_up = linear('wi_up', hidden_size, ('embed', 'mlp'), init_std)
+    if c.activation == 'swiglu':
+      self.wi_gate = linear('wi_gate', c.mlp_dim, ('embed', 'mlp'), c.init_std)
+      self.wi_up = linear('wi_up', c.mlp_dim, ('embed', 'mlp'), c.init_std)
     else:
-      self.wi = linear('wi', hidden_size, ('embed', 'mlp'), init_std)
-    self.wo = linear('wo', output_size, ('mlp', 'embed'), out_std)
+      self.wi = linear('wi', c.mlp_dim, ('embed', 'mlp'), c.init_std)
+    self.wo = linear('wo', c.d_model, ('mlp', 'embed'), out_std)
 
   def __call__(self, params: bx.Params, x: jax.Array) -> tuple[jax.Array, bx.Params]:
-    if self.activation == 'swiglu':
+    if self.config.activation == 'swiglu':
       gate, params = self.wi_gate(params, x)
       up, params = self.wi_up(params, x)
       h = jax.nn.silu(gate) * up

@@ -291,6 +291,17 @@ def num_batch_shards(mesh: Mesh, rules: Rules) -> int:
   return _axis_size(mesh, batch_spec(1, rules)[0])
 
 
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract_tree` that carry `shardings` (a matching tree or one `Sharding`).
+
+  The inputs of ahead-of-time compilation (`jitted.lower(...)`) and of
+  restoring onto a mesh: nothing is allocated.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), abstract_tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
 def shard_bytes(tree: Any, shardings: Any) -> int:
   """Bytes one device holds for `tree` (arrays or ShapeDtypeStructs) under `shardings`.
 

@@ -1,6 +1,8 @@
 """Configuration: frozen dataclasses, YAML presets, dotted overrides.
 
-Every default lives here, once, with a one-line doc. A preset in `configs/`
+Every default lives in these dataclasses, once, with a one-line doc (the
+`model:` section is `ModelConfig` from blox_scale/models/config.py, re-exported
+here: model code never imports training code). A preset in `configs/`
 is a small YAML file that sets only what differs; the command line adds
 dotted overrides (`model.num_layers=4 optimizer.learning_rate=1e-3`).
 Unknown keys, wrong types and a key given twice with different values are
@@ -18,12 +20,8 @@ from typing import Any
 
 import yaml
 
-
-def field(default: Any, doc: str) -> Any:
-  """A dataclass field with a default and its one-line documentation."""
-  if isinstance(default, (dict, list)):
-    return dataclasses.field(default_factory=lambda: type(default)(default), metadata={'doc': doc})
-  return dataclasses.field(default=default, metadata={'doc': doc})
+from blox_scale.models.config import ModelConfig
+from blox_scale.nn.config import field
 
 
 class ConfigError(ValueError):
@@ -33,36 +31,6 @@ class ConfigError(ValueError):
 # -----------------------------------------------------------------------------
 # Sections
 # -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Decoder-only transformer language model."""
-  vocab_size: int = field(256, 'Vocabulary size (256 = the byte-level tokenizer).')
-  d_model: int = field(128, 'Width of the residual stream.')
-  num_layers: int = field(4, 'Number of transformer blocks (one Stack).')
-  num_heads: int = field(4, 'Query heads per attention layer.')
-  num_kv_heads: int = field(0, 'Key/value heads (0 = num_heads; 1 = multi-query; else grouped-query).')
-  head_dim: int = field(0, 'Per-head width (0 = d_model // num_heads).')
-  mlp_dim: int = field(512, 'Hidden width of the MLP.')
-  mlp_activation: str = field('swiglu', "MLP type: 'swiglu' (gated SiLU) or 'gelu'.")
-  norm: str = field('rmsnorm', "Normalisation: 'rmsnorm' or 'layernorm'.")
-  norm_eps: float = field(1e-5, 'Epsilon of the norms.')
-  qk_norm: bool = field(False, 'RMS-normalise queries and keys per head before attention.')
-  position: str = field('rope', "Positions: 'rope' (rotary) or 'learned' (GPT-2 style absolute embeddings).")
-  rope_theta: float = field(10000.0, 'RoPE base frequency.')
-  max_seq_len: int = field(256, 'Longest sequence the model (and its KV cache) supports.')
-  sliding_window: int = field(0, 'Attend only to the last N positions (0 = full causal attention).')
-  tie_embeddings: bool = field(True, 'Use the token embedding matrix as the output head.')
-  use_bias: bool = field(False, 'Biases in attention and MLP projections.')
-  dropout_rate: float = field(0.0, 'Dropout probability on residual branches during training.')
-  param_dtype: str = field('float32', 'Storage dtype of the params (the master copy).')
-  dtype: str = field('float32', "Compute dtype of activations ('bfloat16' for mixed precision).")
-  remat: str = field('full', "Per-layer checkpoint policy: none, full, dots, dots_no_batch, save_names, offload_names.")
-  remat_names: tuple[str, ...] = field((), "Activation names for remat='save_names'/'offload_names' (e.g. [attn_out, mlp_out]).")
-  scan_layers: bool = field(True, 'Run the Stack with lax.scan (False: a Python loop over the same params).')
-  z_loss: float = field(0.0, 'Weight of the z-loss (log-softmax normaliser squared); 0 disables.')
-  init_std: float = field(0.02, 'Stddev of the normal initialiser for embeddings and projections.')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """The sharded train step: state, init on devices, loss -> grad -> optax update.
 
 A small set of functions the trainer builds on and a user can call from their
-own loop:
+own loop. Shardings are computed once, by the caller, and passed in:
 
   mesh = make_mesh(cfg.mesh); rules = rules_from_config(cfg.mesh)
-  state = init_train_state(model, optimizer, seed, mesh, rules)
-  train_step = make_train_step(model, optimizer, mesh, rules)
+  shardings = train_state_shardings(abstract_train_state(model, optimizer), mesh, rules)
+  state = init_train_state(model, optimizer, seed, mesh, rules, shardings)
+  train_step = make_train_step(model, optimizer, mesh, rules, shardings, batch_sharding(mesh, rules))
   for batch in batches:                 # global arrays, see distributed.make_global_batch
     state, metrics = train_step(state, batch)
 
@@ -27,7 +28,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import blox as bx
-from blox_scale.parallel.sharding import Rules, batch_shardings, param_shardings, state_shardings, use_mesh_rules
+from blox_scale.parallel import sharding
+from blox_scale.parallel.sharding import Rules, param_shardings, use_mesh_rules
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -70,7 +72,7 @@ def train_state_shardings(abstract_state: TrainState, mesh: Mesh, rules: Rules) 
   return TrainState(
       step=NamedSharding(mesh, PartitionSpec()),
       params=param_shardings(abstract_state.params, mesh, rules),
-      opt_state=state_shardings(abstract_state.opt_state, mesh, rules),
+      opt_state=sharding.state_shardings(abstract_state.opt_state, mesh, rules),
   )
 
 
@@ -79,26 +81,39 @@ def abstract_train_state(model: Any, optimizer: optax.GradientTransformation, se
   return jax.eval_shape(_init_fn(model, optimizer, seed))
 
 
+def abstract_batch(batch_size: int, seq_len: int, sharding: Any = None) -> Batch:
+  """The train/eval batch as ShapeDtypeStructs (placed with `sharding`, e.g. `batch_sharding(mesh, rules)`).
+
+  {'inputs': int32[B, T], 'targets': int32[B, T], 'mask': float32[B, T]}:
+  the one description of a batch that the trainer, blox-plan and the tests
+  compile against.
+  """
+  dtypes = {'inputs': jnp.int32, 'targets': jnp.int32, 'mask': jnp.float32}
+  return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sharding) for k, dt in dtypes.items()}
+
+
 def init_train_state(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh,
-                     rules: Rules) -> TrainState:
+                     rules: Rules, shardings: TrainState | None = None) -> TrainState:
   """Creates params and optimizer state directly in their shards.
 
   The init function runs under `jax.jit(out_shardings=...)`: each device
   computes only its own shard, so no host or device ever holds a whole
-  weight matrix that is meant to be sharded.
+  weight matrix that is meant to be sharded. `shardings`: the
+  `train_state_shardings` the caller already has (computed here if None).
   """
-  return sharded_init_fn(model, optimizer, seed, mesh, rules)()
+  return sharded_init_fn(model, optimizer, seed, mesh, rules, shardings)()
 
 
 def sharded_init_fn(model: Any, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh,
-                    rules: Rules) -> Callable[[], TrainState]:
+                    rules: Rules, shardings: TrainState | None = None) -> Callable[[], TrainState]:
   """The jitted, argument-free init that `init_train_state` calls.
 
   Exposed so that its compiled memory can be inspected
   (`sharded_init_fn(...).lower().compile().memory_analysis()`).
   """
   init = _init_fn(model, optimizer, seed)
-  shardings = train_state_shardings(jax.eval_shape(init), mesh, rules)
+  if shardings is None:
+    shardings = train_state_shardings(jax.eval_shape(init), mesh, rules)
 
   def sharded_init() -> TrainState:
     with use_mesh_rules(mesh, rules):
@@ -131,39 +146,49 @@ def _learning_rate(opt_state: Any) -> jax.Array | None:
     return None
 
 
-def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules, *,
+def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules,
+                    state_shardings: TrainState, batch_shardings: Any, *,
                     grad_accum_steps: int = 1,
                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                     donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Returns jitted `step(state, batch) -> (state, metrics)`.
+  """Returns `jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, replicated))`.
 
-  batch: {'inputs': int32[B, T], 'targets': int32[B, T], 'mask': float32[B, T]},
-    global arrays (any sharding; they are constrained to the batch sharding).
+  state_shardings: `train_state_shardings(abstract_state, mesh, rules)`; the
+    new state keeps exactly this layout (donation reuses every buffer).
+  batch_shardings: one `NamedSharding` for every batch array
+    (`batch_sharding(mesh, rules)`) or a matching tree; the batch may arrive
+    with any sharding and is constrained to it.
+  batch: {'inputs': int32[B, T], 'targets': int32[B, T], 'mask': float32[B, T]}
+    (`abstract_batch`), global arrays.
   metrics: float32 scalars 'loss', 'grad_norm' (before any clipping the
     optimizer does), the model's own metrics ('z_loss', 'tokens', ...),
-    'learning_rate' when known, and bool 'finite'. When the loss or the
+    'learning_rate' and bool 'finite'. When the loss or the
     gradient is not finite the update is not applied: params and optimizer
     state are returned unchanged and 'finite' is False.
+  The learning rate is read one way, `metrics['learning_rate']`: it is
+  `learning_rate_fn(step)` (the schedule `make_optimizer` returns), else the
+  optimizer's own when it exposes one (`optax.inject_hyperparams`), else absent.
 
   With `grad_accum_steps=k` the batch is split into k micro-batches run one
   after the other in a `lax.scan` (activation memory of B/k rows); losses and
   gradients are averaged weighted by each micro-batch's token count, which
   equals the full-batch loss when the model averages over masked tokens.
-  The input state is donated: its buffers are reused for the output.
+  The result is a plain jitted function: `.lower(abstract_state,
+  abstract_batch)` compiles it ahead of time (blox-train, blox-plan).
   """
   if grad_accum_steps < 1:
     raise ValueError(f'grad_accum_steps must be >= 1, got {grad_accum_steps}.')
   k = grad_accum_steps
-  replicated = NamedSharding(mesh, PartitionSpec())
+  # Gradients (and the accumulator) live in their param's shards: XLA then
+  # reduce-scatters them instead of all-reducing whole gradients.
+  grad_shardings, _ = state_shardings.params.split()
 
   def loss_and_grad(trainable: bx.Params, rest: bx.Params, batch: Batch):
     def loss_fn(t: bx.Params):
       loss, (metrics, params) = model.loss(t.merge(rest), batch, is_training=True)
       return loss, (metrics, params)
     (loss, (metrics, params)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    # Gradients live in their param's shards: XLA then reduce-scatters them
-    # instead of all-reducing whole gradients (and the accumulator stays sharded).
-    grads = jax.lax.with_sharding_constraint(grads, param_shardings(grads, mesh, rules))
+    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     _, new_rest = params.split()  # non-trainable state the model updated (RNG counters, ...)
     weight = jnp.asarray(metrics.get('tokens', 1.0), jnp.float32)
     return loss, metrics, grads, new_rest, weight
@@ -173,7 +198,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
 
     def body(carry, mb):
       grad_sum, rest, loss_sum, metric_sums, weight_sum = carry
-      mb = jax.lax.with_sharding_constraint(mb, batch_shardings(mb, mesh, rules))
+      mb = jax.lax.with_sharding_constraint(mb, batch_shardings)
       loss, metrics, grads, rest, w = loss_and_grad(trainable, rest, mb)
       grad_sum = jax.tree.map(lambda a, g: a + w * g, grad_sum, grads)
       metric_sums = {n: metric_sums[n] + (metrics[n] if n == 'tokens' else w * metrics[n]) for n in metric_sums}
@@ -182,8 +207,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
     # The metric names are only known after tracing the model once.
     first = jax.tree.map(lambda x: x[0], micro)
     _, metrics_shape, _, _, _ = jax.eval_shape(loss_and_grad, trainable, rest, first)
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings(zeros, mesh, rules))
+    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, trainable), grad_shardings)
     metric_zeros = {n: jnp.zeros((), jnp.float32) for n in metrics_shape}
     carry = (zeros, rest, jnp.zeros((), jnp.float32), metric_zeros, jnp.zeros((), jnp.float32))
     (grad_sum, rest, loss_sum, metric_sums, weight_sum), _ = jax.lax.scan(body, carry, micro)
@@ -193,7 +217,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with use_mesh_rules(mesh, rules):
-      batch = jax.lax.with_sharding_constraint(batch, batch_shardings(batch, mesh, rules))
+      batch = jax.lax.with_sharding_constraint(batch, batch_shardings)
       trainable, rest = state.params.split()
       if k == 1:
         loss, metrics, grads, new_rest, _ = loss_and_grad(trainable, rest, batch)
@@ -219,37 +243,21 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
         out['learning_rate'] = jnp.asarray(lr, jnp.float32)
       return new_state, out
 
-  jitted: dict[Any, Callable] = {}
-
-  def compiled_for(state: TrainState) -> Callable:
-    # The output shardings are those of the state's own structure, so the
-    # outputs keep exactly the input layout (donation reuses every buffer)
-    # and the step never retraces. One jit per state structure.
-    key = jax.tree.structure(state)
-    if key not in jitted:
-      jitted[key] = jax.jit(step, donate_argnums=(0,) if donate else (),
-                            out_shardings=(train_state_shardings(state, mesh, rules), replicated))
-    return jitted[key]
-
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    return compiled_for(state)(state, batch)
-
-  # `train_step.lower(abstract_state, abstract_batch)` for AOT compilation
-  # (blox-plan); ShapeDtypeStructs with shardings work, nothing is allocated.
-  train_step.lower = lambda state, batch: compiled_for(state).lower(state, batch)  # type: ignore[attr-defined]
-  return train_step
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=(state_shardings, replicated))
 
 
-def make_eval_step(model: Any, mesh: Mesh, rules: Rules) -> Callable[[bx.Params, Batch], Metrics]:
+def make_eval_step(model: Any, mesh: Mesh, rules: Rules, batch_shardings: Any) -> Callable[[bx.Params, Batch], Metrics]:
   """Returns jitted `eval_step(params, batch) -> metrics` (is_training=False).
 
+  batch_shardings: as for `make_train_step`.
   metrics: 'loss' and the model's own metrics, float32 scalars.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def eval_step(params: bx.Params, batch: Batch) -> Metrics:
     with use_mesh_rules(mesh, rules):
-      batch = jax.lax.with_sharding_constraint(batch, batch_shardings(batch, mesh, rules))
+      batch = jax.lax.with_sharding_constraint(batch, batch_shardings)
       loss, (metrics, _) = model.loss(params, batch, is_training=False)
       out = {n: jnp.asarray(v, jnp.float32) for n, v in metrics.items()}
       out['loss'] = jnp.asarray(loss, jnp.float32)

@@ -1,0 +1,58 @@
+"""`ModelConfig`: the decoder LM's hyperparameters (the `model:` section of a run's config).
+
+Model code reads it; training code re-exports it (`blox_scale.training.config`).
+Fields that a block family also has take their default and doc from that
+family's config (`inherit`, nn/config.py), and `block()` derives the
+`BlockConfig` the Stack repeats: defaults live in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from blox_scale.nn.config import AttentionConfig, BlockConfig, MLPConfig, field, inherit
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer language model."""
+  vocab_size: int = field(256, 'Vocabulary size (256 = the byte-level tokenizer).')
+  d_model: int = inherit(BlockConfig, 'd_model')
+  num_layers: int = field(4, 'Number of transformer blocks (one Stack).')
+  num_heads: int = inherit(AttentionConfig, 'num_heads')
+  num_kv_heads: int = inherit(AttentionConfig, 'num_kv_heads')
+  head_dim: int = inherit(AttentionConfig, 'head_dim')
+  mlp_dim: int = inherit(MLPConfig, 'mlp_dim')
+  mlp_activation: str = inherit(MLPConfig, 'activation')
+  norm: str = inherit(BlockConfig, 'norm')
+  norm_eps: float = inherit(BlockConfig, 'norm_eps')
+  qk_norm: bool = inherit(AttentionConfig, 'qk_norm')
+  position: str = field('rope', "Positions: 'rope' (rotary) or 'learned' (GPT-2 style absolute embeddings).")
+  rope_theta: float = inherit(AttentionConfig, 'rope_theta')
+  max_seq_len: int = field(256, 'Longest sequence the model (and its KV cache) supports.')
+  sliding_window: int = inherit(AttentionConfig, 'sliding_window')
+  tie_embeddings: bool = field(True, 'Use the token embedding matrix as the output head.')
+  use_bias: bool = inherit(AttentionConfig, 'use_bias')
+  dropout_rate: float = inherit(BlockConfig, 'dropout_rate')
+  param_dtype: str = field('float32', 'Storage dtype of the params (the master copy).')
+  dtype: str = field('float32', "Compute dtype of activations ('bfloat16' for mixed precision).")
+  remat: str = field('full', "Per-layer checkpoint policy: none, full, dots, dots_no_batch, save_names, offload_names.")
+  remat_names: tuple[str, ...] = field((), "Activation names for remat='save_names'/'offload_names' (e.g. [attn_out, mlp_out]).")
+  scan_layers: bool = field(True, 'Run the Stack with lax.scan (False: a Python loop over the same params).')
+  z_loss: float = field(0.0, 'Weight of the z-loss (log-softmax normaliser squared); 0 disables.')
+  init_std: float = inherit(AttentionConfig, 'init_std')
+
+  def block(self, attention_impl: str | None = None) -> BlockConfig:
+    """The `BlockConfig` of every layer: same-named fields copied, the rest derived here.
+
+    Residual-branch output projections (attention `o`, MLP `wo`) start with
+    std `init_std / sqrt(2 * num_layers)` (GPT-2), so the residual stream's
+    variance at init does not grow with depth.
+    """
+    return BlockConfig.create(
+        self, activation=self.mlp_activation, use_rope=self.position == 'rope',
+        out_init_std=self.init_std / math.sqrt(2 * self.num_layers), implementation=attention_impl,
+        param_dtype=jnp.dtype(self.param_dtype), dtype=jnp.dtype(self.dtype))
