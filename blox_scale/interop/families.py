@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from blox_scale.training.config import ModelConfig
+from blox_scale.models.config import ModelConfig
 
 Arrays = tuple[np.ndarray, ...]
 
