@@ -51,42 +51,82 @@ def _check_destination(path: Path) -> None:
     raise UsageError(f'{path}: exists and is not an empty directory; choose a new destination or remove it')
 
 
-def hf_to_blox(src: Path, workdir: Path, dtype: str, progress: bool) -> None:
+def _zero_optimizer_state(optimizer, abstract_trainable) -> None:
+  """The lazy writer stores the optimizer state as zeros: check that `optimizer.init` gives exactly that."""
   import jax
   import jax.numpy as jnp
+  tiny = jax.tree.map(lambda x: jnp.zeros((1,) * x.ndim, x.dtype), abstract_trainable)
+  names_leaves = jax.tree_util.tree_leaves_with_path(optimizer.init(tiny))
+  nonzero = [jax.tree_util.keystr(k) for k, v in names_leaves if jnp.any(v != 0)]
+  if nonzero:
+    raise ValueError(f'optimizer: the initial state of {nonzero[:3]} is not zero; hf-to-blox writes a zero '
+                     'optimizer state (use the default optimizer section)')
 
-  from blox_scale.interop import hf, safetensors_io
+
+def _lazy(param, source=None):
+  """A Param whose value is a LazyArray: by layer (stacked params) or whole."""
+  import numpy as np
+
+  from blox_scale.interop.lazy_save import LazyArray
+  shape, dtype = tuple(param.value.shape), np.dtype(param.value.dtype)
+  stacked = param.sharding[:1] == ('layers',)
+  if source is None:
+    if not shape:
+      return param.replace(value=np.zeros((), dtype))
+    source = lambda i: np.zeros(shape[1:] if i is not None else shape, dtype)
+  if stacked:
+    return param.replace(value=LazyArray(shape, dtype, rows=source))
+  return param.replace(value=LazyArray(shape, dtype, whole=lambda: source(None)))
+
+
+def hf_to_blox(src: Path, workdir: Path, dtype: str, progress: bool) -> None:
+  """Streams SRC into a step-0 checkpoint: one layer of one param in memory at a time."""
+  import jax
+  import numpy as np
+
+  import blox as bx
+  from blox_scale.interop import hf, lazy_save, safetensors_io
   from blox_scale.training.checkpoint import Checkpointer, save_config
   from blox_scale.training.config import CheckpointConfig, Config, TrainConfig, validate
   from blox_scale.training.optim import make_optimizer
   from blox_scale.training.step import TrainState
 
   _check_destination(workdir)
+  lazy_save.register()
   total = safetensors_io.Reader(src).nbytes()
-  workdir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = hf.temp_dir_for(workdir)
-  try:
-    with _bar(total, 'read', progress) as bar:
-      model, params = hf.load(src, dtype=dtype, progress=bar.update)
+  with _bar(total, 'convert', progress) as bar:
+    model, abstract, sources = hf.param_sources(src, dtype, progress=bar.update)  # checks before writing
     defaults = Config()
     config = Config(model=model.config, train=TrainConfig(workdir=str(workdir.absolute())),
                     data=dataclasses.replace(defaults.data, seq_len=min(defaults.data.seq_len, model.config.max_seq_len)))
     validate(config)
-    # A fresh optimizer state, exactly as blox-train would create it, so that the
-    # run resumes from step 0 with these params.
+    # A fresh (zero) optimizer state, exactly as blox-train would create it, so
+    # that `blox-train` resumes at step 0 from these params.
     optimizer, _ = make_optimizer(config.optimizer, config.train.steps)
-    trainable, _ = params.split()
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(trainable))
-    checkpointer = Checkpointer(tmp, dataclasses.replace(CheckpointConfig(), async_save=False))
-    checkpointer.save(0, state)
-    checkpointer.close()
-    save_config(tmp, config)
-    if workdir.exists():
-      workdir.rmdir()  # empty (checked above)
-    os.replace(tmp, workdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    abstract_trainable, _ = abstract.split()
+    _zero_optimizer_state(optimizer, abstract_trainable)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
+    is_param = lambda x: isinstance(x, bx.Param)
+    opt_state = jax.tree.map(lambda p: _lazy(p) if is_param(p) else np.zeros(p.shape, p.dtype), abstract_opt,
+                             is_leaf=is_param)
+    rng = model.rng.seed(bx.Params(), seed=0)
+    params = bx.Params()
+    for path, param in abstract.items():
+      params[path] = rng[path] if path in rng else _lazy(param, sources[path][1])
+    state = TrainState(step=np.zeros((), np.int32), params=params.locked(), opt_state=opt_state)
+
+    tmp = hf.temp_dir_for(workdir)
+    try:
+      checkpointer = Checkpointer(tmp, dataclasses.replace(CheckpointConfig(), async_save=False))
+      checkpointer.save(0, state)
+      checkpointer.close()
+      save_config(tmp, config)
+      if workdir.exists():
+        workdir.rmdir()  # empty (checked above)
+      os.replace(tmp, workdir)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
   print(f'wrote {workdir} (step 0): blox-sample --checkpoint {workdir} --prompt ...')
 
 

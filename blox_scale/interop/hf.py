@@ -142,23 +142,55 @@ def _build_model(config: ModelConfig) -> tuple[DecoderLM, bx.Params]:
   return model, jax.eval_shape(model.init, 0)
 
 
-def _callback(reader: st.Reader, stored: dict[str, str], rule: Rule, which: int, config: ModelConfig,
-              shape: tuple[int, ...], dtype: np.dtype, progress: Progress) -> Callable[[Any], np.ndarray]:
+Source = Callable[[int | None], np.ndarray]
+
+
+def param_sources(directory: str | Path, dtype: str = 'float32', progress: Progress | None = None
+                  ) -> tuple[DecoderLM, bx.Params, dict[tuple[str, ...], tuple[bool, Source]]]:
+  """Checks a checkpoint and plans its conversion without reading any tensor data.
+
+  Returns `(model, abstract_params, sources)`: `sources[path] = (per_layer,
+  source)` for every param the checkpoint fills, where `source(i)` reads the
+  one Hugging Face tensor of layer `i` (`source(None)` for a param outside the
+  stack) and returns it in blox layout and `dtype`. The Rng params are not
+  in `sources` (they are not stored by Hugging Face).
+  """
+  family, config = read_config(directory, dtype)
+  reader = st.Reader(directory)
+  stored = check_tensors(reader, family, config)
+  model, abstract = _build_model(config)
+  progress = progress or (lambda n: None)
+  target = np.dtype(jnp.dtype(dtype))
+  sources = {}
+  for rule in family.rules(config):
+    for which, name in enumerate(rule.blox):
+      path = _path(model, name)
+      if path not in abstract:
+        raise AssertionError(f'{family.name} table names {name}, which {type(model).__name__} does not have')
+
+      def source(i: int | None, rule: Rule = rule, which: int = which) -> np.ndarray:
+        t = reader.read(stored[rule.hf if i is None else rule.hf.format(i=i)])
+        progress(t.nbytes)
+        return rule.to_blox(t, config)[which].astype(target)
+
+      sources[path] = (rule.per_layer, source)
+  rng_paths = set(model.rng.seed(bx.Params(), seed=0).keys())
+  unfilled = sorted('/'.join(p) for p in abstract.keys() if p not in sources and p not in rng_paths)
+  if unfilled:
+    raise AssertionError(f'{family.name} table does not fill {unfilled}')
+  return model, abstract, sources
+
+
+def _callback(per_layer: bool, source: Source, num_layers: int, dtype: np.dtype) -> Callable[[Any], np.ndarray]:
   """The `make_array_from_callback` callback: index (a tuple of slices) -> that slice in blox layout."""
 
-  def convert(name: str) -> np.ndarray:
-    t = reader.read(stored[name])
-    progress(t.nbytes)
-    return rule.to_blox(t, config)[which].astype(dtype)
-
   def callback(index: tuple[slice, ...]) -> np.ndarray:
-    if not rule.per_layer:
-      return np.ascontiguousarray(convert(rule.hf)[index])
-    layers = range(config.num_layers)[index[0]]
-    rest = index[1:]
+    if not per_layer:
+      return np.ascontiguousarray(source(None)[index])
+    layers = range(num_layers)[index[0]]
     out = None
     for k, i in enumerate(layers):
-      piece = convert(rule.hf.format(i=i))[rest]
+      piece = source(i)[index[1:]]
       if out is None:
         out = np.empty((len(layers),) + piece.shape, dtype)
       out[k] = piece
@@ -182,10 +214,7 @@ def load(directory: str | Path, dtype: str = 'float32', *, mesh: jax.sharding.Me
   non-float tensor, and `UnsupportedConfig` naming config fields the model
   cannot represent, before anything is read.
   """
-  family, config = read_config(directory, dtype)
-  reader = st.Reader(directory)
-  stored = check_tensors(reader, family, config)
-  model, abstract = _build_model(config)
+  model, abstract, sources = param_sources(directory, dtype, progress)
   if mesh is not None:
     rules = rules if rules is not None else dict(MeshConfig().rules)
     shardings = param_shardings(abstract, mesh, rules)
@@ -193,24 +222,13 @@ def load(directory: str | Path, dtype: str = 'float32', *, mesh: jax.sharding.Me
   else:
     replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: replicated, abstract)
-  progress = progress or (lambda n: None)
-  target = jnp.dtype(dtype)
-
+  target = np.dtype(jnp.dtype(dtype))
   values: dict[tuple[str, ...], jax.Array] = {}
-  for rule in family.rules(config):
-    for which, name in enumerate(rule.blox):
-      path = _path(model, name)
-      if path not in abstract:
-        raise AssertionError(f'{family.name} table names {name}, which {type(model).__name__} does not have')
-      shape = abstract[path].shape
-      cb = _callback(reader, stored, rule, which, config, shape, target, progress)
-      values[path] = jax.make_array_from_callback(shape, shardings[path].value, cb)
-  rng = model.rng.seed(bx.Params(), seed=0)
-  for path, param in rng.items():
+  for path, (per_layer, source) in sources.items():
+    cb = _callback(per_layer, source, model.config.num_layers, target)
+    values[path] = jax.make_array_from_callback(abstract[path].shape, shardings[path].value, cb)
+  for path, param in model.rng.seed(bx.Params(), seed=0).items():
     values[path] = jax.device_put(param.value, replicated)
-  unfilled = sorted('/'.join(p) for p in abstract.keys() if p not in values)
-  if unfilled:
-    raise AssertionError(f'{family.name} table does not fill {unfilled}')
   params = bx.Params()
   for path, param in abstract.items():
     params[path] = param.replace(value=values[path])
@@ -308,5 +326,5 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
   return out_dir
 
 
-__all__ = ['load', 'save', 'read_config', 'hf_config', 'check_tensors', 'expected_tensors', 'ConversionError',
+__all__ = ['load', 'save', 'param_sources', 'read_config', 'hf_config', 'check_tensors', 'expected_tensors', 'ConversionError',
            'UnsupportedConfig', 'DEFAULT_MAX_SHARD_SIZE']
