@@ -89,22 +89,29 @@ def test_round_trip_through_yaml(tmp_path):
 
 
 def test_cross_field_validation():
-  with pytest.raises(ConfigError, match='model.d_model=100 is not divisible by model.num_heads=3'):
+  # One message per rule: `key=value: what is wrong; the fix` (tests/test_bad_inputs.py has the full table).
+  with pytest.raises(ConfigError, match='model.num_heads=3: does not divide model.d_model=100'):
     load_config(None, ['model.d_model=100', 'model.num_heads=3'])
-  with pytest.raises(ConfigError, match='multiple of model.num_kv_heads=3'):
+  with pytest.raises(ConfigError, match='model.num_kv_heads=3: does not divide model.num_heads=4'):
     load_config(None, ['model.num_kv_heads=3'])
-  with pytest.raises(ConfigError, match="model.norm='batchnorm' is not one of"):
+  with pytest.raises(ConfigError, match="model.norm='batchnorm': is not a known name; use one of rmsnorm, layernorm"):
     load_config(None, ['model.norm=batchnorm'])
-  with pytest.raises(ConfigError, match="model.dtype='bf16' is not one of float32, bfloat16"):
+  with pytest.raises(ConfigError, match="model.dtype='bf16': is not a floating-point dtype"):
     load_config(None, ['model.dtype=bf16'])
-  with pytest.raises(ConfigError, match="model.remat='dot' is not one of"):
+  with pytest.raises(ConfigError, match="model.remat='dot': is not a known name; use one of none, full"):
     load_config(None, ['model.remat=dot'])
-  with pytest.raises(ConfigError, match='must be even for RoPE'):
+  with pytest.raises(ConfigError, match='must be even for rotary positions'):
     load_config(None, ['model.head_dim=7'])
-  with pytest.raises(ConfigError, match='model.num_layers must be >= 1'):
+  with pytest.raises(ConfigError, match='model.num_layers=0: must be >= 1'):
     load_config(None, ['model.num_layers=0'])
-  with pytest.raises(ConfigError, match='data.seq_len=512 exceeds model.max_seq_len=256'):
+  with pytest.raises(ConfigError, match='data.seq_len=512: exceeds model.max_seq_len=256'):
     load_config(None, ['data.seq_len=512'])
+
+
+def test_valid_names_come_from_the_modules_that_own_them(monkeypatch):
+  from blox_scale.stacking import remat
+  monkeypatch.setitem(remat.POLICIES, 'my_policy', lambda names: remat.jax.checkpoint_policies.nothing_saveable)
+  assert load_config(None, ['model.remat=my_policy']).model.remat == 'my_policy'
 
 
 @pytest.mark.parametrize('path', sorted(CONFIGS.glob('*.yaml')), ids=lambda p: p.stem)

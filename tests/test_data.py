@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from blox_scale.training import data as bd
-from blox_scale.training.config import DataConfig
+from blox_scale.training.config import ConfigError, DataConfig
 from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
 
 
@@ -71,7 +71,7 @@ def test_text_tokens_and_array_record_sources(tmp_path):
   tokens = bd.load_tokens(_cfg(source='array_record', path=str(tmp_path / 'docs.array_record')))
   assert bytes(tokens) == b'first doc' + bd.DOCUMENT_SEPARATOR + b'second'
 
-  with pytest.raises(FileNotFoundError, match='matches no file'):
+  with pytest.raises(ConfigError, match='matches no file'):
     bd.load_tokens(_cfg(source='text', path=str(tmp_path / 'nope*.txt')))
 
 

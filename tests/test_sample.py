@@ -123,12 +123,13 @@ def test_generate_errors():
     generate(model, params, [[1]], max_new_tokens=2, top_p=0.0)
 
 
-def test_cli_prints_prompt_and_continuation(monkeypatch, capsys):
+def test_cli_prints_prompt_and_continuation(monkeypatch, capsys, tmp_path):
   model, params = _setup(TINY)  # vocab 61: the prompt uses bytes below 61
   fake = types.ModuleType('blox_scale.training.checkpoint')
   fake.load_for_inference = lambda path: (Config(model=TINY), model, params)
   monkeypatch.setitem(sys.modules, 'blox_scale.training.checkpoint', fake)
-  main(['--checkpoint', 'unused', '--prompt', '(0', '--max-new-tokens', '12', '--temperature', '0'])
+  (tmp_path / 'config.yaml').write_text('{}')  # the CLI checks the path before loading
+  assert main(['--checkpoint', str(tmp_path), '--prompt', '(0', '--max-new-tokens', '12', '--temperature', '0']) == 0
   out = capsys.readouterr().out
   [expected] = generate(model, params, [list(b'(0')], max_new_tokens=12)
   assert out == '(0' + bytes(expected).decode('utf-8', errors='replace') + '\n'

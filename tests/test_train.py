@@ -67,8 +67,8 @@ def test_nonfinite_loss_stops_before_checkpointing(tmp_path, capsys):
   code = _run(tmp_path, 'train.steps=20', 'optimizer.learning_rate=1e20', 'optimizer.warmup_steps=0',
               'optimizer.weight_decay=0', 'train.log_every=100', 'checkpoint.every=1', 'checkpoint.keep=100')
   assert code == EXIT_NONFINITE
-  out = capsys.readouterr().out
-  assert 'non-finite loss or gradients at step' in out
+  out = capsys.readouterr().err
+  assert 'blox-train: error: non-finite loss or gradients at step' in out
   bad_step = int(out.split('non-finite loss or gradients at step ')[1].split()[0])
   ckpt = Checkpointer(tmp_path, load_config(None).checkpoint)
   steps = ckpt.all_steps()
@@ -82,14 +82,14 @@ def test_nonfinite_loss_stops_before_checkpointing(tmp_path, capsys):
 
 
 def test_cli_config_errors_name_the_key(capsys):
-  assert main(['model.nmu_layers=2']) == 1
+  assert main(['model.nmu_layers=2']) == 2
   err = capsys.readouterr().err
   assert "model.nmu_layers" in err and "Did you mean 'model.num_layers'" in err
-  assert main(['train.steps=many']) == 1
+  assert main(['train.steps=many']) == 2
   assert 'train.steps' in capsys.readouterr().err
-  assert main(['train.steps=5', 'train.steps=6']) == 1
+  assert main(['train.steps=5', 'train.steps=6']) == 2
   assert 'train.steps is set twice' in capsys.readouterr().err
-  assert main(['--config', 'configs/nope.yaml']) == 1
+  assert main(['--config', 'configs/nope.yaml']) == 2
   assert 'does not exist' in capsys.readouterr().err
 
 

@@ -128,37 +128,89 @@ def format_rows(rows: list[PlanRow], hbm_gib: float = 0.0) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  ap = argparse.ArgumentParser(prog='blox-plan', description=__doc__.split('\n\n')[0])
+# Fake CPU devices cost XLA about a second per thousand to create (4096: ~7 s) and compiles grow
+# with them; plans beyond this are refused at once rather than left to run for minutes.
+MAX_DEVICES = 1024
+
+
+def _parser() -> Any:
+  from blox_scale.cli.common import ArgumentParser
+  ap = ArgumentParser(prog='blox-plan', description=__doc__.split('\n\n')[0])
   ap.add_argument('--config', required=True, help='preset YAML, e.g. configs/llama_7b.yaml')
-  ap.add_argument('--devices', type=int, required=True, help='number of (fake CPU) devices to plan for')
+  ap.add_argument('--devices', type=int, required=True, help=f'number of (fake CPU) devices to plan for (1..{MAX_DEVICES})')
   ap.add_argument('--mesh', default='', help='data=..,fsdp=..,tensor=.. (default: the config\'s mesh)')
   ap.add_argument('--remat', default='all', help="comma-separated policies, or 'all'")
   ap.add_argument('--batch-size', type=int, default=0, help='global batch (default: data.batch_size)')
   ap.add_argument('--seq-len', type=int, default=0, help='sequence length (default: data.seq_len)')
   ap.add_argument('--hbm', type=float, default=0.0, help='device memory in GiB, to print whether each policy fits')
+  ap.add_argument('--debug', action='store_true', help='Print the traceback of an error (also BLOX_DEBUG=1).')
   ap.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
-  args = ap.parse_args(argv)
+  return ap
+
+
+def _check(args: Any) -> tuple[Any, list[str]]:
+  """Every argument and the config, before JAX starts; returns (config, remat policies)."""
+  from blox_scale.cli.common import UsageError
+  from blox_scale.stacking.remat import POLICIES
+  from blox_scale.training.config import load_config
+  from blox_scale.training.validation import MESH_AXES, check_devices
+
+  if not 1 <= args.devices <= MAX_DEVICES:
+    raise UsageError(f'--devices={args.devices}: must be in [1, {MAX_DEVICES}] (fake CPU devices on this machine); '
+                     'plan a larger pod by its per-device shard: the same mesh axes at a smaller data size')
+  for flag, value in (('--batch-size', args.batch_size), ('--seq-len', args.seq_len), ('--hbm', args.hbm)):
+    if not value >= 0:
+      raise UsageError(f'{flag}={value}: must be >= 0; use 0 for the default')
+  remats = list(POLICIES) if args.remat == 'all' else [r.strip() for r in args.remat.split(',') if r.strip()]
+  unknown = [r for r in remats if r not in POLICIES]
+  if unknown or not remats:
+    raise UsageError(f'--remat={args.remat}: unknown polic{"ies" if len(unknown) > 1 else "y"} {", ".join(unknown)}; '
+                     f'use all or a comma-separated list of {", ".join(POLICIES)}')
+  mesh_overrides = []
+  for item in filter(None, (kv.strip() for kv in args.mesh.split(','))):
+    key, _, value = item.partition('=')
+    if key.strip() not in MESH_AXES or not value.strip().lstrip('-').isdigit():
+      raise UsageError(f'--mesh={args.mesh}: {item!r} is not AXIS=SIZE; use e.g. data=2,fsdp=4,tensor=1 '
+                       f'(axes {", ".join(MESH_AXES)})')
+    mesh_overrides.append(f'mesh.{key.strip()}={value.strip()}')
+  overrides = [*args.overrides, *mesh_overrides]
+  if args.batch_size:
+    overrides.append(f'data.batch_size={args.batch_size}')
+  if args.seq_len:
+    overrides.append(f'data.seq_len={args.seq_len}')
+  cfg = load_config(args.config, overrides, files=False)  # seq_len vs max_seq_len, heads, ...
+  check_devices(cfg, args.devices)  # the mesh fits the devices, the batch splits
+  return cfg, remats
+
+
+def _main(argv: list[str]) -> int:
+  args = _parser().parse_args(argv)
+  cfg, remats = _check(args)
   _ensure_devices(args.devices, argv)
 
   import jax
 
   from blox_scale.parallel import sharding
-  from blox_scale.training.config import load_config
-  from blox_scale.stacking.remat import POLICIES
+  from blox_scale.training.config import ConfigError
 
-  mesh_overrides = [f'mesh.{kv.strip()}' for kv in args.mesh.split(',') if kv.strip()]
-  cfg = load_config(args.config, [*args.overrides, *mesh_overrides])
   mesh = sharding.make_mesh(cfg.mesh)
-  remats = list(POLICIES) if args.remat == 'all' else [r.strip() for r in args.remat.split(',')]
   m = cfg.model
   print(f'{args.config}: {m.num_layers} layers, d_model {m.d_model}, params {m.param_dtype}, compute {m.dtype}; '
-        f'batch {args.batch_size or cfg.data.batch_size} x {args.seq_len or cfg.data.seq_len}; '
+        f'batch {cfg.data.batch_size} x {cfg.data.seq_len}; '
         f'mesh {dict(mesh.shape)} on {jax.device_count()} devices', flush=True)
-  rows = plan(cfg, mesh, remats=remats, batch_size=args.batch_size or None, seq_len=args.seq_len or None)
+  try:
+    rows = plan(cfg, mesh, remats=remats)
+  except ValueError as e:  # a param that does not divide over the mesh: the message names it
+    raise ConfigError(str(e)) from e
   print(format_rows(rows, args.hbm))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`blox-plan --config FILE --devices N [...]`; returns the exit status."""
+  from blox_scale.cli.common import run_cli
+  return run_cli('blox-plan', _main, argv)
 
 
 if __name__ == '__main__':
-  main()
+  raise SystemExit(main())

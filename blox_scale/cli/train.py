@@ -16,13 +16,17 @@ Sections, in the order they run:
                       eval; checkpoints (async); SIGTERM -> save and exit
   9. end              final checkpoint, loss plot, samples
 
-Exit codes: 0 done (or preempted by SIGTERM after saving), 2 non-finite
-loss/gradients (nothing non-finite was checkpointed), 1 other errors.
+Exit codes: 0 done (or stopped by SIGTERM/SIGINT: before the loop with
+nothing written, in the loop after saving), 2 a config error (found before
+anything is compiled or written), non-finite loss/gradients or a diverging
+loss (nothing bad was checkpointed), 1 other failures (e.g. a failed save).
+Errors are one line on stderr; `--debug` (or BLOX_DEBUG=1) adds the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
+import os
 import signal
 import sys
 import time
@@ -37,9 +41,11 @@ import numpy as np
 import blox as bx
 from blox_scale.parallel import distributed
 from blox_scale import flops
-from blox_scale.training.checkpoint import Checkpointer, save_config
-from blox_scale.training.config import Config, ConfigError, load_config
-from blox_scale.training.data import build_data
+from blox_scale.cli.common import ArgumentParser, run_cli
+from blox_scale.training.checkpoint import CONFIG_FILE, Checkpointer, read_config, save_config
+from blox_scale.training.config import Config, ConfigError, load_config, merge_into
+from blox_scale.training.data import build_data, check_corpus, load_tokens
+from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
 from blox_scale.training.metrics import MetricsWriter, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
 from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
@@ -47,20 +53,43 @@ from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_c
 from blox_scale.training.step import (abstract_batch, abstract_train_state, init_train_state, make_eval_step,
                                       make_train_step, train_state_shardings)
 from blox_scale.training.tokenizer import get_tokenizer
+from blox_scale.training.validation import check_devices
 
 EXIT_OK, EXIT_ERROR, EXIT_NONFINITE = 0, 1, 2
+EXIT_CONFIG = EXIT_DIVERGED = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteError(RuntimeError):
   """The loss or gradients became NaN/inf; the run stops before checkpointing it."""
 
 
+class Stopped(BaseException):
+  """SIGTERM/SIGINT outside the training loop: stop at once (nothing is being saved then).
+
+  A BaseException, like KeyboardInterrupt: it passes every `except Exception`.
+  """
+
+
+class _OrbaxErrorsReported(logging.Filter):
+  """Drops orbax's error logs (a failed async save logs hundreds of lines from its threads):
+  the trainer reports the failure itself, in one line with the path and errno. BLOX_DEBUG=1 keeps them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or '/orbax/' not in record.pathname or bool(os.environ.get('BLOX_DEBUG'))
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+  raise Stopped(signal.Signals(signum).name)
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog='blox-train', description='Train a decoder LM. With no arguments: the tiny model on the stdlib corpus.',
       epilog='Overrides are dotted key=value pairs, e.g. model.num_layers=2 train.steps=100. '
              'The full reference is docs/training.md.')
   parser.add_argument('--config', default=None, help='A YAML preset, e.g. configs/tiny.yaml (default: built-in defaults).')
+  parser.add_argument('--debug', action='store_true', help='Print the traceback of an error (also BLOX_DEBUG=1).')
   parser.add_argument('overrides', nargs='*', help='key=value overrides.')
   args = parser.parse_args(argv)
   return args.config, args.overrides
@@ -83,9 +112,44 @@ def evaluate(eval_step: Any, params: bx.Params, data: Any, mesh: Any, rules: Any
   return total / tokens if tokens else None
 
 
+def _abstract_state(cfg: Config) -> Any:
+  """The train state `cfg` describes, as ShapeDtypeStructs (nothing allocated or compiled)."""
+  model = DecoderLM(bx.Graph('lm'), cfg.model)
+  optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+  return abstract_train_state(model, optimizer, cfg.train.seed)
+
+
+def check_resume(workdir: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
+  """Differences between the workdir's config.yaml and `cfg`; ConfigError if they change shapes."""
+  try:
+    old = read_config(workdir)
+  except Exception as e:  # noqa: BLE001  (unreadable or from an incompatible version)
+    raise ConfigError(f'{workdir / CONFIG_FILE}: cannot be read to resume ({str(e).splitlines()[0]}); restore it, '
+                      'or start fresh with checkpoint.resume=false or a new train.workdir') from e
+  changes = config_changes(old, cfg)
+  if not changes:
+    return changes
+  shapes = lambda c: (lambda t: (jax.tree.structure(t), [(x.shape, str(x.dtype)) for x in jax.tree.leaves(t)]))(
+      _abstract_state(c))
+  before = shapes(old)
+  if shapes(cfg) != before:
+    # Name the keys that change shapes on their own (each tried alone on the old config).
+    candidates = {k: v for k, v in changes.items() if k.startswith(('model.', 'optimizer.'))}
+    culprits = {k: v for k, v in candidates.items()
+                if shapes(merge_into(old, {k.split('.')[0]: {k.split('.', 1)[1]: v[1]}})) != before}
+    raise ConfigError(f'{format_changes(culprits or candidates or changes)}: changes the shapes of the checkpointed '
+                      f'train state in {workdir}; resume with the values the run was started with, or start fresh '
+                      'with checkpoint.resume=false or a new train.workdir')
+  return changes
+
+
 def train(config: Config) -> int:
-  """Runs (or resumes) the training described by `config`; returns the exit code."""
-  # -- 1. config ------------------------------------------------------------------------------------
+  """Runs (or resumes) the training described by `config`; returns the exit code.
+
+  Every check that can fail on user input runs before the first write to the
+  workdir and before anything is compiled (a ConfigError, exit 2).
+  """
+  # -- 1. config (validated at load) ----------------------------------------------------------------
   started = time.perf_counter()
   cfg = config
   workdir = Path(cfg.train.workdir)
@@ -94,6 +158,7 @@ def train(config: Config) -> int:
   distributed.initialize(cfg.distributed)  # no-op for one process on one machine
   primary = is_primary()
   log = print if primary else (lambda *a, **k: None)
+  check_devices(cfg, jax.device_count())  # the mesh and the batch split, before any compile
 
   # -- 3. mesh --------------------------------------------------------------------------------------
   mesh = make_mesh(cfg.mesh)
@@ -105,13 +170,22 @@ def train(config: Config) -> int:
   model = DecoderLM(bx.Graph('lm'), cfg.model)
   optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
   abstract = abstract_train_state(model, optimizer, cfg.train.seed)
-  state_shardings = train_state_shardings(abstract, mesh, rules)  # errors name a param that does not divide
+  try:
+    state_shardings = train_state_shardings(abstract, mesh, rules)  # names a param that does not divide
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   batch_shardings = batch_sharding(mesh, rules)
   abstract = with_shardings(abstract, state_shardings)
   num_params = sum(int(np.prod(p.shape)) for p in abstract.params.values() if p.trainable)
   log(f'model: {num_params / 1e6:.2f}M trainable params, {cfg.model.num_layers} layers, d_model {cfg.model.d_model}')
+  tokens = load_tokens(cfg.data)  # host only; a corpus too small for one window is a config error
+  check_corpus(tokens, cfg.data, cfg.model.vocab_size)
+  rows = distributed.process_batch_slice(cfg.data.batch_size, mesh, rules)  # this process's rows of each batch
+  resuming = cfg.checkpoint.resume and (workdir / CONFIG_FILE).exists()
+  changes = check_resume(workdir, cfg) if resuming else {}
 
-  # -- 5. state: restore or init --------------------------------------------------------------------
+  # -- 5. state: restore or init (the first writes to the workdir) ------------------------------------
+  logging.getLogger('absl').addFilter(_OrbaxErrorsReported())
   checkpoints = Checkpointer(workdir, cfg.checkpoint)
   latest = checkpoints.latest_step() if cfg.checkpoint.resume else None
   data_state = None
@@ -122,11 +196,17 @@ def train(config: Config) -> int:
     state = init_train_state(model, optimizer, cfg.train.seed, mesh, rules, state_shardings)
   step = int(latest or 0)
   if primary:
+    if changes:
+      kept = workdir / 'config_history' / f'config.before_step_{step}.{time.strftime("%Y%m%dT%H%M%S")}.yaml'
+      kept.parent.mkdir(parents=True, exist_ok=True)
+      (workdir / CONFIG_FILE).replace(kept)
+      print(f'blox-train: warning: resuming with a changed config: {format_changes(changes)} '
+            f'(the previous config is kept as {kept})', file=sys.stderr, flush=True)
     save_config(workdir, cfg)
 
   # -- 6. data --------------------------------------------------------------------------------------
-  rows = distributed.process_batch_slice(cfg.data.batch_size, mesh, rules)  # this process's rows of each batch
-  data = build_data(cfg.data, cfg.model.vocab_size, rows=rows, eval_batches=cfg.train.eval_batches, state=data_state)
+  data = build_data(cfg.data, cfg.model.vocab_size, rows=rows, eval_batches=cfg.train.eval_batches, state=data_state,
+                    tokens=tokens)
   log(f'data: {cfg.data.source}, {data.num_tokens:,} tokens, {data.num_train_windows:,} train / '
       f'{data.num_eval_windows:,} eval windows of {cfg.data.seq_len}; unigram entropy {data.unigram_entropy:.3f} nats')
 
@@ -141,6 +221,8 @@ def train(config: Config) -> int:
   flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
   writer = MetricsWriter(workdir, enabled=primary)
   memory = memory_report(compiled)
+  if changes:
+    writer.write({'kind': 'config_change', 'step': step, 'changes': {k: list(v) for k, v in changes.items()}})
   writer.write({'kind': 'start', 'step': step, 'compile_time_s': compile_s, 'num_params': num_params,
                 'num_devices': jax.device_count(), 'flops_per_token': flops_per_token,
                 'unigram_entropy': data.unigram_entropy, **memory})
@@ -148,8 +230,9 @@ def train(config: Config) -> int:
   all_finite(state.params)  # compile the pre-save check now, not inside the first save
 
   # -- 8. loop --------------------------------------------------------------------------------------
-  stop_signal: list[int] = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.append(signum))
+  stop_signal: list[int] = []  # from here on a signal is noted and the loop saves, then stops
+  previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum)) for sig in STOP_SIGNALS}
+  spikes = LossSpikeGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
   progress = Progress(cfg.train.steps, step, enabled=primary and cfg.train.progress)
   throughput = Throughput(tokens_per_step, flops_per_token,
                           lambda tokens_per_sec: flops.mfu(tokens_per_sec, flops_per_token, jax.device_count()))
@@ -183,6 +266,7 @@ def train(config: Config) -> int:
       raise NonFiniteError(f'non-finite loss or gradients at step {bad[0]} (loss={record["loss"]}, '
                            f'grad_norm={record["grad_norm"]}); the update was skipped and the run stops. '
                            'Lower optimizer.learning_rate, raise optimizer.warmup_steps or check the data.')
+    spikes.update(last_step, record['loss'])
 
   def save(at: int) -> None:
     flush()  # any non-finite step since the last log raises here, before saving
@@ -206,6 +290,7 @@ def train(config: Config) -> int:
     while step < cfg.train.steps:
       batch = distributed.make_global_batch(next(data.train), mesh, rules)
       state, metrics = compiled(state, batch)  # async: returns before the device is done
+      checkpoints.check()  # a failed background save stops the run now, not at the next save
       step += 1
       throughput.tick()
       pending.append((step, metrics))
@@ -224,7 +309,8 @@ def train(config: Config) -> int:
         save(step)
         throughput.resume(paused)
       if should_stop():
-        progress.write(f'SIGTERM at step {step}: saving a checkpoint and exiting.')
+        name = signal.Signals(stop_signal[0]).name if stop_signal else 'SIGTERM'
+        progress.write(f'{name} at step {step}: saving a checkpoint and exiting.')
         break
 
     # -- 9. end -------------------------------------------------------------------------------------
@@ -250,12 +336,14 @@ def train(config: Config) -> int:
       log(f'loss curve: {path}')
     if cfg.train.sample_tokens > 0 and jax.process_count() == 1:
       print_samples(cfg, model, state.params)
-  except NonFiniteError as e:
+  except (NonFiniteError, DivergenceError) as e:
     progress.close()
-    log(f'error: {e}')
+    if primary:
+      print(f'blox-train: error: {e}', file=sys.stderr, flush=True)
     exit_code = EXIT_NONFINITE
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    for sig, handler in previous_handlers.items():
+      signal.signal(sig, handler)
     writer.close()
     checkpoints.close()
   return exit_code
@@ -275,15 +363,30 @@ def print_samples(cfg: Config, model: DecoderLM, params: bx.Params) -> None:
   print('-' * 67, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """`blox-train [--config FILE] [key=value ...]`."""
+def _main(argv: list[str]) -> int:
   config_path, overrides = parse_args(argv)
-  try:
-    config = load_config(config_path, overrides)
-  except ConfigError as e:
-    print(f'blox-train: config error: {e}', file=sys.stderr)
-    return EXIT_ERROR
+  config = load_config(config_path, overrides)
   return train(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`blox-train [--config FILE] [--debug] [key=value ...]`; returns the exit status.
+
+  SIGTERM/SIGINT are handled from here on: before the training loop they stop
+  the run at once with status 0 (nothing is half-written: config.yaml is
+  replaced atomically and no checkpoint is being saved); inside the loop the
+  run saves a checkpoint and exits 0.
+  """
+  previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+  try:
+    return run_cli('blox-train', _main, argv)
+  except Stopped as e:
+    print(f'blox-train: {e} outside the training loop: stopped at once; no checkpoint was being written',
+          file=sys.stderr, flush=True)
+    return EXIT_OK
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 if __name__ == '__main__':

@@ -32,6 +32,9 @@ from blox_scale.stacking.stack import Stack
 
 Batch = dict[str, jax.Array]
 
+# model.position: rotary (applied inside attention) or GPT-2's learned absolute embeddings.
+POSITIONS = ('rope', 'learned')
+
 
 class LMHead(bx.Module):
   """Untied output projection: `x: [..., embed]` -> float32 logits `[..., vocab]`.

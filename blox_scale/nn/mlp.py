@@ -14,7 +14,9 @@ from jax.ad_checkpoint import checkpoint_name
 import blox as bx
 from blox_scale.nn.config import MLPConfig
 
-ACTIVATIONS = ('gelu', 'swiglu')
+# Hidden activation by name; a name in GATED multiplies it with a second projection (GLU).
+ACTIVATIONS = {'gelu': lambda h: jax.nn.gelu(h, approximate=True), 'swiglu': jax.nn.silu}
+GATED = frozenset({'swiglu'})
 
 
 class MLP(bx.Module):
@@ -30,7 +32,7 @@ class MLP(bx.Module):
     super().__init__(graph)
     c = config
     if c.activation not in ACTIVATIONS:
-      raise ValueError(f"MLP {'/'.join(graph.path)}: activation={c.activation!r} is not one of {ACTIVATIONS}.")
+      raise ValueError(f"MLP {'/'.join(graph.path)}: activation={c.activation!r} is not one of {sorted(ACTIVATIONS)}.")
     self.config = c
     out_std = c.init_std if c.out_init_std is None else c.out_init_std
 
@@ -41,7 +43,7 @@ class MLP(bx.Module):
           kernel_metadata={'sharding': axes}, bias_metadata={'sharding': axes[1:]},
           param_dtype=c.param_dtype, dtype=c.dtype)
 
-    if c.activation == 'swiglu':
+    if c.activation in GATED:
       self.wi_gate = linear('wi_gate', c.mlp_dim, ('embed', 'mlp'), c.init_std)
       self.wi_up = linear('wi_up', c.mlp_dim, ('embed', 'mlp'), c.init_std)
     else:
@@ -49,13 +51,14 @@ class MLP(bx.Module):
     self.wo = linear('wo', c.d_model, ('mlp', 'embed'), out_std)
 
   def __call__(self, params: bx.Params, x: jax.Array) -> tuple[jax.Array, bx.Params]:
-    if self.config.activation == 'swiglu':
+    act = ACTIVATIONS[self.config.activation]
+    if self.config.activation in GATED:
       gate, params = self.wi_gate(params, x)
       up, params = self.wi_up(params, x)
-      h = jax.nn.silu(gate) * up
+      h = act(gate) * up
     else:
       h, params = self.wi(params, x)
-      h = jax.nn.gelu(h, approximate=True)
+      h = act(h)
     h = checkpoint_name(h, 'mlp_hidden')
     y, params = self.wo(params, h)
     return checkpoint_name(y, 'mlp_out'), params

@@ -18,10 +18,12 @@ Where the coordinates come from, first match wins:
 
 Failure handling comes from JAX's coordination service: every process sends
 heartbeats to process 0; when one stops for `heartbeat_timeout` seconds (a
-crash, a kill, a lost host) every other process is terminated with
-"The following tasks are unhealthy (stopped sending heartbeats)", and when
-process 0 itself dies the others fail their next poll at once. Nobody hangs
-in a collective forever.
+crash, a kill, a lost host) every other process is told "The following tasks
+are unhealthy (stopped sending heartbeats)", and when process 0 itself dies
+the others miss their next heartbeat. Nobody hangs in a collective forever.
+JAX's default reaction is a fatal log (abort, exit 134, a core dump where
+enabled); `initialize` installs `peer_lost` instead, which prints one line and
+exits with status 3 (`EXIT_PEER_LOST`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,49 @@ ENV_NUM_PROCESSES = 'BLOX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'BLOX_PROCESS_ID'
 
 _initialized = False
+EXIT_PEER_LOST = 3
+
+
+def peer_lost(status: Any) -> None:
+  """Called by the coordination client (on its own thread) when a peer or the coordinator is gone.
+
+  One line on stderr and an immediate exit: the collectives this process may be
+  blocked in can never finish, so there is nothing to unwind or save.
+  """
+  import sys
+  detail = ' '.join(str(status).split())[:300]
+  print(f'blox: error: process {_process_index()} lost its peers: {detail}; the run stops '
+        f'(exit {EXIT_PEER_LOST}). Restart all processes: they resume from the last checkpoint.',
+        file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)
+
+
+def _process_index() -> int | str:
+  try:
+    return jax.process_index()
+  except Exception:  # noqa: BLE001  (the runtime may be half torn down)
+    return '?'
+
+
+def _initialize_with_callback(*args: Any, **kwargs: Any) -> None:
+  """`jax.distributed.initialize`, with `peer_lost` as the client's missed-heartbeat callback.
+
+  JAX does not expose the callback; its client factory (jaxlib's
+  `get_distributed_runtime_client`) takes it, so the factory is wrapped while
+  `initialize` runs.
+  """
+  from jax._src import distributed as jax_distributed
+  factory = jax_distributed._jax.get_distributed_runtime_client
+
+  def client_with_callback(*a: Any, **k: Any) -> Any:
+    k.setdefault('missed_heartbeat_callback', peer_lost)
+    return factory(*a, **k)
+
+  jax_distributed._jax.get_distributed_runtime_client = client_with_callback
+  try:
+    jax.distributed.initialize(*args, **kwargs)
+  finally:
+    jax_distributed._jax.get_distributed_runtime_client = factory
 
 
 def _cluster_environment() -> str | None:
@@ -116,7 +161,7 @@ def initialize(cfg: Any = None) -> bool:
       # A local run: the coordinator listens on loopback only (by default it
       # binds every interface).
       timeouts['coordinator_bind_address'] = address
-    jax.distributed.initialize(address, num, pid, cluster_detection_method='deactivate', **timeouts)
+    _initialize_with_callback(address, num, pid, cluster_detection_method='deactivate', **timeouts)
   else:
     method = cfg.cluster_detection
     if method == 'off':
@@ -127,7 +172,7 @@ def initialize(cfg: Any = None) -> bool:
         _initialized = True
         return False
       method = None  # let JAX try all of its detectors
-    jax.distributed.initialize(cluster_detection_method=method, **timeouts)
+    _initialize_with_callback(cluster_detection_method=method, **timeouts)
   _initialized = True
   log.info('jax.distributed: process %d of %d, %d local / %d global devices',
            jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())

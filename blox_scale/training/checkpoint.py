@@ -27,6 +27,9 @@ uint32 key data and re-wrapped on restore.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,32 @@ from blox_scale.training.config import CheckpointConfig, Config, merge_into, to_
 
 CONFIG_FILE = 'config.yaml'
 CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions); earlier checkpoints are untouched."""
+
+
+def describe_write_error(exc: BaseException) -> str:
+  """`<path>: <strerror> (errno N, ENAME)` from an OSError or tensorstore's message, else its first line."""
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno:
+      return f'{e.filename or "?"}: {e.strerror} (errno {e.errno}, {errno.errorcode.get(e.errno, "?")})'
+  text = ' '.join(str(exc).split())
+  code = re.search(r"os_error_code='?(\d+)", text)
+  path = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'local file "([^"]+)"', text)
+  if code:
+    n = int(code.group(1))
+    return f'{path.group(1) if path else "?"}: {os.strerror(n)} (errno {n}, {errno.errorcode.get(n, "?")})'
+  return text[:300]
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+  out = []
+  while exc is not None and exc not in out:
+    out.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return out
 
 
 # -----------------------------------------------------------------------------
@@ -142,6 +171,32 @@ class Checkpointer:
         create=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None  # the step of the save in flight (checked by `check`)
+    self._failed = False
+
+  def check(self, block: bool = False) -> None:
+    """Raises CheckpointSaveError as soon as a background save is known to have failed.
+
+    Cheap (no I/O while a save is in flight): call it every step. orbax logs a
+    failed async save and reports it only at the next save; a finished save
+    whose step directory never appeared is a failure, and waiting on the
+    manager then raises its cause.
+    """
+    if self._pending is None or (not block and self.manager.is_saving_in_progress()):
+      return
+    step, self._pending = self._pending, None
+    cause: BaseException | None = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (the write error, wrapped by orbax's threads)
+      cause = e
+    if cause is None and (self.directory / str(step)).is_dir():
+      return
+    self._failed = True
+    detail = describe_write_error(cause) if cause is not None else 'the step directory was not committed'
+    kept = ', '.join(map(str, self.all_steps())) or 'none'
+    raise CheckpointSaveError(f'{self.directory}/{step}: saving the checkpoint failed: {detail}; the earlier '
+                              f'checkpoints ({kept}) are intact. Free space or fix permissions, then rerun to resume') from cause
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint (tmp directories of interrupted saves are ignored)."""
@@ -160,11 +215,19 @@ class Checkpointer:
     params, impls = _to_storable(params)
     rest, rest_impls = _to_storable(rest)
     meta = {'step': int(step), 'data': data_state, 'key_impls': {**{f'params/{k}': v for k, v in impls.items()}, **rest_impls}}
-    self.manager.save(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        state=ocp.args.StandardSave(rest),
-        meta=ocp.args.JsonSave(meta),
-    ), force=True)
+    self.check()  # an earlier failed save is reported, not buried under this one
+    try:
+      self.manager.save(int(step), args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          state=ocp.args.StandardSave(rest),
+          meta=ocp.args.JsonSave(meta),
+      ), force=True)
+    except Exception as e:  # noqa: BLE001  (a synchronous write failure: same report)
+      self._failed = True
+      raise CheckpointSaveError(f'{self.directory}/{step}: saving the checkpoint failed: {describe_write_error(e)}; '
+                                'the earlier checkpoints are intact. Free space or fix permissions, then rerun to '
+                                'resume') from e
+    self._pending = int(step)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any] | None]:
     """-> (train_state placed with the shardings of `abstract_state`, data iterator state).
@@ -190,11 +253,16 @@ class Checkpointer:
     return jax.tree_util.tree_unflatten(treedef, values), meta.get('data')
 
   def wait(self) -> None:
-    """Blocks until background saves are committed."""
-    self.manager.wait_until_finished()
+    """Blocks until background saves are committed; CheckpointSaveError if one failed."""
+    self.check(block=True)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for saves and releases orbax's threads (after a failed save: without raising again)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # noqa: BLE001
+      if not self._failed:
+        raise
     self.manager.close()
 
 
@@ -222,7 +290,7 @@ def save_config(workdir: str | Path, config: Config) -> None:
 def read_config(workdir: str | Path) -> Config:
   path = Path(workdir) / CONFIG_FILE
   config = merge_into(Config(), yaml.safe_load(path.read_text()))
-  validate(config)
+  validate(config, files=False)  # the run's data may have moved since; sampling does not read it
   return config
 
 

@@ -77,6 +77,8 @@ class TrainConfig:
   sample_tokens: int = field(120, 'Tokens sampled at the end (0 disables).')
   sample_temperature: float = field(0.8, 'Sampling temperature (0 = greedy).')
   plot: bool = field(True, 'Write loss.png to the workdir at the end.')
+  divergence_factor: float = field(2.0, 'Loss-spike guard: stop (exit 2, before checkpointing) when the logged loss stays above this multiple of its running median (0 disables).')
+  divergence_patience: int = field(3, 'Consecutive log steps above train.divergence_factor x median that stop the run.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +253,11 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
       raise ConfigError(f"Override {item!r} is not of the form key=value (e.g. model.num_layers=4).")
     key, raw = item.split('=', 1)
     key = key.strip().lstrip('-')
-    value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ''
+    try:
+      value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ''
+    except yaml.YAMLError as e:
+      raise ConfigError(f'{key}={raw}: not a valid YAML value ({getattr(e, "problem", e)}); quote strings, '
+                        'write lists as [a,b]') from e
     if key in flat and flat[key] != value:
       raise ConfigError(f'Override {key} is set twice with different values ({flat[key]!r} and {value!r}). Keep one.')
     flat[key] = value
@@ -280,7 +286,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
   path = Path(path)
   if not path.exists():
     raise ConfigError(f'Config file {path} does not exist. Presets live in configs/ (e.g. configs/tiny.yaml).')
-  data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+  if not path.is_file():
+    raise ConfigError(f'{path}: is not a file; pass a YAML preset (e.g. configs/tiny.yaml).')
+  try:
+    data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from e
+  except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+    mark = getattr(e, 'problem_mark', None)
+    where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+    problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+    raise ConfigError(f'{path}: not valid YAML{where} ({problem}); fix the file') from e
   if not isinstance(data, dict):
     raise ConfigError(f'{path}: the top level must be a mapping of sections (model:, data:, ...).')
   base = data.pop('base', None)
@@ -289,51 +305,28 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
   return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-  """Defaults, then the YAML preset at `path`, then dotted overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                files: bool = True) -> Config:
+  """Defaults, then the YAML preset at `path`, then dotted overrides; validated.
+
+  files: also check the paths the config names (False for tools that read no data and write nothing).
+  """
   config = Config()
   if path is not None:
     config = merge_into(config, load_yaml(path))
   if overrides:
     config = merge_into(config, parse_overrides(overrides))
-  validate(config)
+  validate(config, files)
   return config
 
 
-def validate(config: Config) -> None:
-  """Cross-field rules a single type check cannot see."""
-  m = config.model
-  choices = {
-      'model.mlp_activation': (m.mlp_activation, ('swiglu', 'gelu')),
-      'model.norm': (m.norm, ('rmsnorm', 'layernorm')),
-      'model.position': (m.position, ('rope', 'learned')),
-      'model.dtype': (m.dtype, ('float32', 'bfloat16', 'float16')),
-      'model.param_dtype': (m.param_dtype, ('float32', 'bfloat16', 'float16')),
-      'model.remat': (m.remat, ('none', 'full', 'dots', 'dots_no_batch', 'save_names', 'offload_names')),
-      'optimizer.schedule': (config.optimizer.schedule, ('cosine', 'linear', 'constant')),
-      'data.source': (config.data.source, ('stdlib', 'text', 'tokens', 'array_record')),
-  }
-  for key, (value, valid) in choices.items():
-    if value not in valid:
-      raise ConfigError(f'{key}={value!r} is not one of {", ".join(valid)}.')
-  positive = {'model.d_model': m.d_model, 'model.num_layers': m.num_layers, 'model.num_heads': m.num_heads,
-              'model.vocab_size': m.vocab_size, 'model.max_seq_len': m.max_seq_len,
-              'data.seq_len': config.data.seq_len, 'data.batch_size': config.data.batch_size,
-              'train.steps': config.train.steps, 'optimizer.grad_accum_steps': config.optimizer.grad_accum_steps}
-  for key, value in positive.items():
-    if value < 1:
-      raise ConfigError(f'{key} must be >= 1, got {value}.')
-  if m.head_dim == 0 and m.d_model % m.num_heads:
-    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim explicitly or change one.')
-  if m.position == 'rope' and (m.head_dim or m.d_model // m.num_heads) % 2:
-    raise ConfigError(f'model.head_dim={m.head_dim or m.d_model // m.num_heads} must be even for RoPE (position=rope).')
-  kv = m.num_kv_heads or m.num_heads
-  if m.num_heads % kv:
-    raise ConfigError(f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv} (grouped-query attention).')
-  if config.data.seq_len > m.max_seq_len:
-    raise ConfigError(f'data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or shorten data.seq_len.')
-  if config.data.tokenizer == 'byte' and m.vocab_size < 256:
-    raise ConfigError(f'model.vocab_size={m.vocab_size} is too small for the byte tokenizer (needs 256).')
+def validate(config: Config, files: bool = True) -> None:
+  """Every field's range and every cross-field rule that needs no device (training/validation.py).
+
+  files: also check paths (data files exist, the workdir is writable).
+  """
+  from blox_scale.training.validation import check_config  # imports the modules that own the valid names
+  check_config(config, files)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

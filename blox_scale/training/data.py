@@ -31,7 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from blox_scale.training.config import DataConfig
+from blox_scale.training.config import ConfigError, DataConfig
 from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -84,11 +84,41 @@ def stdlib_corpus(max_bytes: int) -> bytes:
 
 def _expand(pattern: str, key: str) -> list[str]:
   if not pattern:
-    raise ValueError(f'{key} is empty; set data.path=FILE_OR_GLOB.')
+    raise ConfigError(f'{key}={pattern!r}: empty; set data.path=FILE_OR_GLOB.')
   paths = sorted(glob.glob(os.path.expanduser(pattern)))
   if not paths:
-    raise FileNotFoundError(f'data.path={pattern!r} matches no file.')
+    raise ConfigError(f'{key}={pattern!r}: matches no file; check the path.')
   return paths
+
+
+def _stdlib_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+  return tokenizer.encode_array(stdlib_corpus(cfg.max_bytes))
+
+
+def _text_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+  docs = [Path(p).read_bytes() for p in _expand(cfg.path, 'data.path')]
+  return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
+
+
+def _file_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+  if cfg.token_dtype not in TOKEN_DTYPES:
+    raise ConfigError(f"data.token_dtype={cfg.token_dtype!r}: not a token dtype; use one of {', '.join(TOKEN_DTYPES)}.")
+  paths = _expand(cfg.path, 'data.path')
+  if len(paths) != 1:
+    raise ConfigError(f"data.path={cfg.path!r}: matches {len(paths)} files but data.source='tokens' reads one; concatenate them first.")
+  return np.memmap(paths[0], dtype=np.dtype(cfg.token_dtype), mode='r')
+
+
+def _array_record_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+  source = grain.sources.ArrayRecordDataSource(_expand(cfg.path, 'data.path'))
+  docs = [bytes(source[i]) for i in range(len(source))]
+  return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
+
+
+# data.source: corpus name -> its loader (config, tokenizer) -> 1-d token ids.
+SOURCES = {'stdlib': _stdlib_tokens, 'text': _text_tokens, 'tokens': _file_tokens, 'array_record': _array_record_tokens}
+# data.token_dtype: the id widths a 'tokens' file may hold.
+TOKEN_DTYPES = ('uint16', 'uint32')
 
 
 def load_tokens(cfg: DataConfig, tokenizer: ByteTokenizer | None = None) -> np.ndarray:
@@ -101,24 +131,9 @@ def load_tokens(cfg: DataConfig, tokenizer: ByteTokenizer | None = None) -> np.n
   - 'array_record': ArrayRecord files of UTF-8 documents (one record each),
     tokenized and concatenated in memory.
   """
-  tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
-  if cfg.source == 'stdlib':
-    return tokenizer.encode_array(stdlib_corpus(cfg.max_bytes))
-  if cfg.source == 'text':
-    docs = [Path(p).read_bytes() for p in _expand(cfg.path, 'data.path')]
-    return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
-  if cfg.source == 'tokens':
-    if cfg.token_dtype not in ('uint16', 'uint32'):
-      raise ValueError(f"data.token_dtype={cfg.token_dtype!r} must be 'uint16' or 'uint32'.")
-    paths = _expand(cfg.path, 'data.path')
-    if len(paths) != 1:
-      raise ValueError(f"data.source='tokens' reads one file; data.path={cfg.path!r} matches {len(paths)}. Concatenate them first.")
-    return np.memmap(paths[0], dtype=np.dtype(cfg.token_dtype), mode='r')
-  if cfg.source == 'array_record':
-    source = grain.sources.ArrayRecordDataSource(_expand(cfg.path, 'data.path'))
-    docs = [bytes(source[i]) for i in range(len(source))]
-    return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
-  raise ValueError(f"data.source={cfg.source!r} is not one of 'stdlib', 'text', 'tokens', 'array_record'.")
+  if cfg.source not in SOURCES:
+    raise ConfigError(f"data.source={cfg.source!r}: not a data source; use one of {', '.join(SOURCES)}.")
+  return SOURCES[cfg.source](cfg, tokenizer or get_tokenizer(cfg.tokenizer))
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
@@ -176,6 +191,25 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
   return max(0, -(-(num_tokens - 1) // seq_len))
 
 
+def check_corpus(tokens: np.ndarray, cfg: DataConfig, vocab_size: int) -> None:
+  """The corpus can make at least one training window and its ids fit the model (ConfigError if not).
+
+  Ids are checked on the first 16M tokens (a memory-mapped corpus of billions is not read at start-up);
+  later ones are checked as their windows are read.
+  """
+  where = 'data.path' if cfg.source != 'stdlib' else 'data.max_bytes'
+  total = num_windows(len(tokens), cfg.seq_len)
+  n_eval = 0 if cfg.eval_fraction == 0 else max(1, int(round(total * cfg.eval_fraction)))
+  if total - n_eval < 1:
+    raise ConfigError(f'{where}: the corpus holds {len(tokens)} tokens, too few for one training window of '
+                      f'data.seq_len={cfg.seq_len} after holding out data.eval_fraction={cfg.eval_fraction}; '
+                      'use a larger corpus, a smaller data.seq_len or data.eval_fraction=0.')
+  head = np.asarray(tokens[:1 << 24])
+  if head.size and int(head.max()) >= vocab_size:
+    raise ConfigError(f'{where}: token id {int(head.max())} is >= model.vocab_size={vocab_size}; '
+                      'check data.token_dtype and data.tokenizer, or raise model.vocab_size.')
+
+
 # -----------------------------------------------------------------------------
 # Pipelines
 # -----------------------------------------------------------------------------
@@ -231,8 +265,9 @@ def train_dataset(windows: PackedWindows, batch_size: int, seed: int, rows: slic
   """
   size, first, per_batch = _row_chunks(batch_size, rows)
   if len(windows) == 0:
-    raise ValueError('The training split is empty: the corpus is shorter than one window. '
-                     'Use a larger corpus, a smaller data.seq_len or a smaller data.eval_fraction.')
+    raise ConfigError(f'data.path: the training split is empty (the corpus is shorter than one window of '
+                      f'data.seq_len={windows.seq_len} tokens); use a larger corpus, a smaller data.seq_len or a '
+                      'smaller data.eval_fraction.')
   ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
   ds = ds.batch(size, drop_remainder=True, batch_fn=_stack)
   return ds[first::per_batch]
@@ -275,7 +310,7 @@ def build_data(cfg: DataConfig, vocab_size: int, *, rows: slice | None = None, e
     tokens = load_tokens(cfg)
   total = num_windows(len(tokens), cfg.seq_len)
   if not 0.0 <= cfg.eval_fraction < 1.0:
-    raise ValueError(f'data.eval_fraction={cfg.eval_fraction} must be in [0, 1).')
+    raise ConfigError(f'data.eval_fraction={cfg.eval_fraction}: must be in [0, 1); pick a fraction below 1.')
   n_eval = 0 if cfg.eval_fraction == 0 else max(1, int(round(total * cfg.eval_fraction)))
   n_train = total - n_eval
   train_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, 0, n_train)

@@ -33,6 +33,9 @@ from blox_scale.training.config import OptimizerConfig
 
 Schedule = Callable[[Any], Any]
 
+# optimizer.schedule: the decay after warmup (see lr_schedule).
+SCHEDULES = ('cosine', 'linear', 'constant')
+
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> Schedule:
   """step (int or int32 array) -> learning rate (f32).
@@ -46,8 +49,8 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> Schedule:
   floor = cfg.learning_rate * cfg.min_lr_ratio
   warmup = max(0, cfg.warmup_steps)
   decay_steps = max(1, total_steps - warmup)
-  if cfg.schedule not in ('cosine', 'linear', 'constant'):
-    raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not one of 'cosine', 'linear', 'constant'.")
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}.")
 
   def schedule(step: Any) -> jax.Array:
     step = jnp.asarray(step, jnp.float32)

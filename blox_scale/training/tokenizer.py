@@ -39,9 +39,13 @@ class ByteTokenizer:
     return [self.decode(ids) for ids in batch]
 
 
+# data.tokenizer: the built-in tokenizers by name.
+TOKENIZERS = {'byte': ByteTokenizer}
+
+
 def get_tokenizer(name: str) -> ByteTokenizer:
   """The tokenizer named by `data.tokenizer`."""
-  if name == 'byte':
-    return ByteTokenizer()
+  if name in TOKENIZERS:
+    return TOKENIZERS[name]()
   raise ValueError(f"data.tokenizer={name!r} is not known; the only built-in tokenizer is 'byte'. "
                    "For another vocabulary, pre-tokenize to a uint16/uint32 file and use data.source='tokens'.")
