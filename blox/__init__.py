@@ -9,7 +9,7 @@ A drop-in for the public API of jax-blox 0.1.6.
 from blox.errors import ParamMismatchError, ParamNotFoundError, ParamsLockedError, RngNotSeededError
 from blox.graph import Graph, Path
 from blox.module import Module
-from blox.params import Metadata, Param, Params
+from blox.params import Metadata, Param, Params, key_path_to_str, path_to_str, record_created, str_to_path
 from blox.rng import Rng
 from blox.layers import (
     GRU, LSTM, BatchNorm, Conv, ConvTranspose, Dropout, Embed, GRUState, LayerNorm, Linear, LSTMState,
@@ -22,6 +22,7 @@ __version__ = '0.2.0'
 
 __all__ = [
     'Graph', 'Module', 'Param', 'Params', 'Rng', 'Metadata', 'Path',
+    'path_to_str', 'str_to_path', 'key_path_to_str', 'record_created',
     'ParamMismatchError', 'ParamNotFoundError', 'ParamsLockedError', 'RngNotSeededError',
     'Linear', 'Embed', 'LayerNorm', 'RMSNorm', 'BatchNorm', 'Dropout', 'Conv', 'ConvTranspose',
     'max_pool', 'min_pool', 'avg_pool', 'Sequential', 'LSTM', 'LSTMState', 'GRU', 'GRUState',

@@ -15,7 +15,7 @@ import numpy as np
 
 from blox.graph import Graph, Path
 from blox.module import Module
-from blox.params import Param, Params
+from blox.params import Param, Params, path_to_str
 
 
 def _nbytes(value: Any) -> int:
@@ -75,7 +75,7 @@ class _ModuleRef:
   """A module passed to another module's constructor (e.g. the shared Rng)."""
 
   def __init__(self, module: Module) -> None:
-    self.text = f"<{type(module).__name__} at {'/'.join(module.graph.path)}>"
+    self.text = f"<{type(module).__name__} at {path_to_str(module.graph.path)}>"
 
   def __treescope_repr__(self, path: str, subtree_renderer: Any) -> Any:
     import treescope
@@ -187,7 +187,7 @@ def summary_rows(graph: Graph | Sequence[Graph], params: Params) -> list[tuple[s
     module = owner.module if owner is not None else None
     axes = param.sharding
     rows.append((
-        '/'.join(path),
+        path_to_str(path),
         type(module).__name__ if module is not None else '-',
         str(tuple(np.shape(param.value))),
         _dtype_name(param.value),

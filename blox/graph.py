@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from blox.params import Path, path_to_str
+
 if TYPE_CHECKING:
   from blox.module import Module
-
-Path = tuple[str, ...]
 
 
 class Graph:
@@ -39,7 +39,7 @@ class Graph:
     """Returns a new child node called `name`; a duplicate name is an error."""
     if name in self._children:
       raise ValueError(
-          f"Graph node {'/'.join(self.path)!r} already has a child named "
+          f"Graph node {path_to_str(self.path)!r} already has a child named "
           f'{name!r}. Each child needs its own name (e.g. {name}_1, {name}_2), '
           'so that no two modules share a param path.'
       )
@@ -55,7 +55,7 @@ class Graph:
   def _bind(self, module: Module) -> None:
     if self._module is not None:
       raise ValueError(
-          f"Graph node {'/'.join(self.path)!r} is already bound to "
+          f"Graph node {path_to_str(self.path)!r} is already bound to "
           f'{type(self._module).__name__}; cannot also bind '
           f'{type(module).__name__}. Give each module its own node with '
           'graph.child(name).'
@@ -94,6 +94,6 @@ class Graph:
       yield from node.walk()
 
   def __repr__(self) -> str:
-    path = '/'.join(self.path)
+    path = path_to_str(self.path)
     n = len(self._children)
     return f"Graph('{path}')" if n == 0 else f"Graph('{path}', children={n})"

@@ -13,16 +13,12 @@ import numpy as np
 
 from blox.errors import ParamMismatchError, ParamNotFoundError, ParamsLockedError
 from blox.graph import Graph, Path
-from blox.params import Metadata, Param, Params
+from blox.params import Metadata, Param, Params, path_to_str
 
 if TYPE_CHECKING:
   from blox.rng import Rng
 
 Initializer = Callable[..., Any]
-
-
-def _fmt(path: Path) -> str:
-  return '/'.join(map(str, path))
 
 
 class Module:
@@ -113,24 +109,24 @@ class Module:
     """
     if not isinstance(params, Params):
       raise TypeError(
-          f'{type(self).__name__} at {_fmt(self.graph.path)} expected Params as '
+          f'{type(self).__name__} at {path_to_str(self.graph.path)} expected Params as '
           f'its first argument, got {type(params).__name__}. Call it as '
           'module(params, *inputs).'
       )
     path = self.param_path(name)
-    existing = params._data.get(path)
+    existing = params.get(path)
     if existing is not None:
       _check_existing(path, existing, shape, dtype)
       return existing.value, params
     if shape is None or init is None:
       raise ParamNotFoundError(
-          f'Param {_fmt(path)} does not exist and cannot be created: '
+          f'Param {path_to_str(path)} does not exist and cannot be created: '
           f'shape={shape!r}, init={"given" if init else None}. Pass shape= and '
           'init= to create it, or load it into params first.'
       )
-    if params._locked:
+    if params.is_locked:
       raise ParamsLockedError(
-          f'Param {_fmt(path)} does not exist and params are locked. Locked '
+          f'Param {path_to_str(path)} does not exist and params are locked. Locked '
           'params refuse new entries so that a renamed or missing weight is '
           'caught instead of silently re-initialised. If this param is new on '
           'purpose (an adapter, a new head), call params.unlocked(), run the '
@@ -144,7 +140,7 @@ class Module:
       # Fewer names than dims is fine: as in a PartitionSpec (and in jax-blox),
       # the missing trailing entries mean None.
       raise ValueError(
-          f"Param {_fmt(path)}: metadata['sharding']={tuple(axes)!r} names "
+          f"Param {path_to_str(path)}: metadata['sharding']={tuple(axes)!r} names "
           f'{len(axes)} axes but the param has shape {shape} ({len(shape)} '
           'dims). Give at most one logical axis name (or None) per dimension; '
           'missing trailing entries mean None.'
@@ -155,8 +151,8 @@ class Module:
       key = None
     value = init(key, shape, dtype)
     if tuple(np.shape(value)) != shape:
-      raise ValueError(f'Initializer for {_fmt(path)} returned shape {np.shape(value)}, expected {shape}.')
-    return value, params._with(path, Param(value, trainable, meta))
+      raise ValueError(f'Initializer for {path_to_str(path)} returned shape {np.shape(value)}, expected {shape}.')
+    return value, params.with_param(path, Param(value, trainable, meta))
 
   def set_param(
       self,
@@ -173,19 +169,19 @@ class Module:
     counters changes during training); only creating new params is refused.
     """
     path = self.param_path(name)
-    existing = params._data.get(path)
+    existing = params.get(path)
     if existing is None:
       raise ParamNotFoundError(
-          f'set_param: no param at {_fmt(path)}. Create it with get_param '
+          f'set_param: no param at {path_to_str(path)}. Create it with get_param '
           '(shape=, init=) before updating it.'
       )
     if value is None and trainable is None and metadata is None:
-      raise ValueError(f'set_param({_fmt(path)}): give at least one of value, trainable or metadata.')
+      raise ValueError(f'set_param({path_to_str(path)}): give at least one of value, trainable or metadata.')
     if value is not None:
       if not isinstance(value, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
-        raise TypeError(f'set_param({_fmt(path)}): value must be an array, got {type(value).__name__}.')
+        raise TypeError(f'set_param({path_to_str(path)}): value must be an array, got {type(value).__name__}.')
       _check_existing(path, existing, np.shape(value), value.dtype, what='set_param with')
-    return params._with(path, Param(
+    return params.with_param(path, Param(
         existing.value if value is None else value,
         existing.trainable if trainable is None else trainable,
         existing.metadata if metadata is None else {**existing.metadata, **metadata},
@@ -245,7 +241,7 @@ def _check_existing(path: Path, existing: Param, shape: Any, dtype: Any, what: s
     inside = _per_device_match(tuple(have_shape), tuple(shape), tuple(existing.sharding))
     if inside is not True:
       raise ParamMismatchError(
-          f'Param {_fmt(path)} exists with shape {tuple(have_shape)} but was '
+          f'Param {path_to_str(path)} exists with shape {tuple(have_shape)} but was '
           f'{what} shape {tuple(shape)}. The input feature size probably changed '
           'since init (or two modules share a graph node); re-initialise, or '
           f'fix the input shape.{inside}'
@@ -254,7 +250,7 @@ def _check_existing(path: Path, existing: Param, shape: Any, dtype: Any, what: s
   if dtype is not None and have_dtype is not None and _canonical(dtype) != _canonical(have_dtype):
     have, want = _dtype_name(have_dtype), _dtype_name(dtype)
     raise ParamMismatchError(
-        f'Param {_fmt(path)} exists with dtype {have} but was {what} dtype '
+        f'Param {path_to_str(path)} exists with dtype {have} but was {what} dtype '
         f'{want}. Build the layer with param_dtype={have}, or cast the stored '
         'params to the dtype the model asks for.'
     )

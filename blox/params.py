@@ -7,13 +7,107 @@ costs (see benchmarks/dispatch.py), instead of one Python callback per leaf.
 
 from __future__ import annotations
 
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
+import contextlib
+import contextvars
+import re
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from typing import Any
 
 import jax
 import numpy as np
 
 Path = tuple[str, ...]
+
+
+# -----------------------------------------------------------------------------
+# Path <-> string: the one naming used by summaries, errors and checkpoints
+# -----------------------------------------------------------------------------
+
+_ESCAPES = {'%': '%25', '/': '%2F'}
+_UNESCAPES = {v: k for k, v in _ESCAPES.items()}
+
+
+def path_to_str(path: Iterable[Any]) -> str:
+  """`('lm', 'stack', 'kernel')` -> `'lm/stack/kernel'`, the inverse of `str_to_path`.
+
+  Names are joined with '/'; a '/' inside one name is written `%2F` and a '%'
+  is written `%25`, so every string reads back to exactly one path. A name
+  without '/' or '%' appears as it is (checkpoints and summaries keep the
+  names they had). Non-str entries are shown with `str`. `()` -> `''`.
+  """
+  return '/'.join(_escape(str(name)) for name in path)
+
+
+def str_to_path(name: str) -> Path:
+  """`'lm/stack/kernel'` -> `('lm', 'stack', 'kernel')`; undoes `path_to_str`."""
+  if not name:
+    return ()
+  return tuple(re.sub('%(?:25|2F)', lambda m: _UNESCAPES[m.group(0)], part) for part in name.split('/'))
+
+
+def _escape(name: str) -> str:
+  if '%' in name or '/' in name:
+    return name.replace('%', '%25').replace('/', '%2F')
+  return name
+
+
+def key_path_to_str(key_path: Iterable[Any]) -> str:
+  """A `jax.tree_util` key path -> a '/'-joined name (`'' ` for the root).
+
+  For any pytree holding `Params`: a Params path contributes its names (as
+  `path_to_str` writes them), dict keys, attribute names and sequence
+  indices one name each, and the fields of the containers themselves
+  (`Params`' dict, `Param.value`) none: the state `{'params': params}` names
+  a param `'params/lm/embed/embedding'`.
+  """
+  parts = []
+  for entry in key_path:
+    if isinstance(entry, jax.tree_util.DictKey):
+      key = entry.key
+      parts.append(path_to_str(key) if isinstance(key, tuple) else _escape(str(key)))
+    elif isinstance(entry, jax.tree_util.GetAttrKey):
+      if entry.name not in _CONTAINER_FIELDS:
+        parts.append(_escape(entry.name))
+    elif isinstance(entry, jax.tree_util.SequenceKey):
+      parts.append(str(entry.idx))
+    elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(entry.key))
+    else:
+      parts.append(_escape(str(entry)))
+  return '/'.join(parts)
+
+
+# Pytree fields that hold a container's contents rather than name anything.
+_CONTAINER_FIELDS = ('_data', 'value')
+
+
+# -----------------------------------------------------------------------------
+# Recording param creation (Stack's init needs the value a param was created with)
+# -----------------------------------------------------------------------------
+
+_CREATED: contextvars.ContextVar[dict[Path, Param] | None] = contextvars.ContextVar('blox_created', default=None)
+
+
+@contextlib.contextmanager
+def record_created() -> Iterator[dict[Path, Param]]:
+  """Records every param as it is first created while the block runs.
+
+      with record_created() as created:
+        _, params = block(params, x)
+      # created: {path: Param as get_param (or with_param) first added it}
+
+  A stateful layer (BatchNorm) creates its state and updates it in the same
+  call; `created` holds the value at creation, `params` the updated one.
+  Every `with_param` that adds a path not yet in its Params counts, also
+  inside jax transforms traced in the block (the values are then tracers of
+  that trace). Nested uses record into the innermost one only.
+  """
+  created: dict[Path, Param] = {}
+  token = _CREATED.set(created)
+  try:
+    yield created
+  finally:
+    _CREATED.reset(token)
 
 
 def _hashable(value: Any) -> Any:
@@ -168,16 +262,46 @@ class Params(Mapping):
     """A copy that may create new params (e.g. to add adapters)."""
     return Params(dict(self._data), False)
 
-  # -- split / merge ---------------------------------------------------------
+  @classmethod
+  def from_items(cls, items: Mapping[Path, Param] | Iterable[tuple[Path, Param]], *, locked: bool = False) -> Params:
+    """Params holding `items` (`{path: Param}` or `(path, Param)` pairs), in that order.
+
+    The inverse of `params.items()`: `Params.from_items(params.items(),
+    locked=params.is_locked) == params`.
+    """
+    data: dict[Path, Param] = {}
+    for path, param in (items.items() if isinstance(items, Mapping) else items):
+      _check_entry(path, param)
+      data[path] = param
+    return cls(data, bool(locked))
+
+  # -- split / merge / filter ------------------------------------------------
 
   def split(self, predicate: Callable[[Path, Param], bool] | None = None) -> tuple[Params, Params]:
     """Returns `(matching, rest)`; the default predicate is `param.trainable`."""
+    if predicate is None:
+      predicate = lambda path, param: param.trainable
+    return self.partition(predicate)
+
+  def partition(self, predicate: Callable[[Path, Param], bool] | None = None, *,
+                prefix: Path | None = None) -> tuple[Params, Params]:
+    """Returns `(matching, rest)`: `filter`'s selection and everything else.
+
+    Both keep this lock state and the order of `items()`.
+    """
     match: dict[Path, Param] = {}
     rest: dict[Path, Param] = {}
+    n = None if prefix is None else len(prefix)
     for path, param in self._data.items():
-      keep = param.trainable if predicate is None else predicate(path, param)
+      keep = (n is None or path[:n] == prefix) and (predicate is None or predicate(path, param))
       (match if keep else rest)[path] = param
     return Params(match, self._locked), Params(rest, self._locked)
+
+  def filter(self, predicate: Callable[[Path, Param], bool] | None = None, *,
+             prefix: Path | None = None) -> Params:
+    """The entries under the path `prefix` (a tuple of names) for which
+    `predicate(path, param)` is true; either test may be left out."""
+    return self.partition(predicate, prefix=prefix)[0]
 
   def merge(self, other: Params) -> Params:
     """Returns the union of both; entries of `other` win on equal paths."""
@@ -203,13 +327,10 @@ class Params(Mapping):
   def __setitem__(self, path: Path, param: Param) -> None:
     if self._locked:
       raise RuntimeError(
-          f'Cannot set {"/".join(map(str, path))}: params are locked. Use '
+          f'Cannot set {path_to_str(path)}: params are locked. Use '
           'params = params.unlocked(), set the entry, then .locked() again.'
       )
-    if not isinstance(param, Param):
-      raise TypeError(f'Params entries must be Param, got {type(param).__name__} for {path}. Wrap it: bx.Param(value).')
-    if not isinstance(path, tuple) or not all(isinstance(p, str) for p in path):
-      raise TypeError(f'Params keys are tuples of str, got {path!r}.')
+    _check_entry(path, param)
     self._data[path] = param
 
   def __contains__(self, path: object) -> bool:
@@ -230,16 +351,52 @@ class Params(Mapping):
   def items(self) -> ItemsView[Path, Param]:
     return self._data.items()
 
-  # -- helpers ---------------------------------------------------------------
+  def get(self, path: Path, default: Any = None) -> Any:
+    """The Param at `path`, or `default` when there is none."""
+    return self._data.get(path, default)
+
+  # -- functional updates ----------------------------------------------------
+
+  def with_param(self, path: Path, param: Param) -> Params:
+    """A copy with `param` stored at `path` (added, or replacing the entry there).
+
+    Adding a path to locked params raises `ParamsLockedError`; replacing an
+    existing entry works either way (state such as norm statistics changes
+    during training). A path added inside `record_created()` is recorded.
+    """
+    if path not in self._data:
+      _check_entry(path, param)
+      if self._locked:
+        from blox.errors import ParamsLockedError
+        raise ParamsLockedError(
+            f'Cannot add {path_to_str(path)}: params are locked. Use '
+            'params.unlocked().with_param(...) and .locked() again, if the param is new on purpose.'
+        )
+      created = _CREATED.get()
+      if created is not None and path not in created:
+        created[path] = param
+    data = dict(self._data)
+    data[path] = param
+    return Params(data, self._locked)
+
+  def with_value(self, path: Path, value: Any) -> Params:
+    """A copy with the value of the existing param at `path` replaced."""
+    return self.replace_values({path: value})
+
+  def replace_values(self, values: Mapping[Path, Any]) -> Params:
+    """A copy with the values of existing params replaced: `{path: new value}`.
+
+    `trainable` and `metadata` stay; a path that is not present raises
+    `ParamNotFoundError` (use `with_param` to add one).
+    """
+    data = dict(self._data)
+    for path, value in values.items():
+      data[path] = self[path].replace(value=value)
+    return Params(data, self._locked)
 
   def values_dict(self) -> dict[Path, Any]:
     """`{path: value}` without the Param wrappers."""
     return {k: p.value for k, p in self._data.items()}
-
-  def _with(self, path: Path, param: Param) -> Params:
-    data = dict(self._data)
-    data[path] = param
-    return Params(data, self._locked)
 
   def __repr__(self) -> str:
     state = 'locked' if self._locked else 'unlocked'
@@ -253,10 +410,17 @@ class Params(Mapping):
 jax.tree_util.register_dataclass(Params, data_fields=['_data'], meta_fields=['_locked'])
 
 
+def _check_entry(path: Any, param: Any) -> None:
+  if not isinstance(param, Param):
+    raise TypeError(f'Params entries must be Param, got {type(param).__name__} for {path}. Wrap it: bx.Param(value).')
+  if not isinstance(path, tuple) or not all(isinstance(p, str) for p in path):
+    raise TypeError(f'Params keys are tuples of str, got {path!r}.')
+
+
 def _not_found_message(path: Path, data: Mapping[Path, Any]) -> str:
   import difflib
-  shown = '/'.join(map(str, path))
-  names = ['/'.join(map(str, k)) for k in data]
+  shown = path_to_str(path)
+  names = [path_to_str(k) for k in data]
   close = difflib.get_close_matches(shown, names, n=3)
   hint = f' Did you mean {", ".join(close)}?' if close else ''
   return f'No param at {shown}.{hint} ({len(names)} params present.)'

@@ -17,7 +17,7 @@ import numpy as np
 from blox.errors import RngNotSeededError
 from blox.graph import Graph
 from blox.module import Module
-from blox.params import Params
+from blox.params import Params, path_to_str
 
 
 def _is_key(x: Any) -> bool:
@@ -63,9 +63,9 @@ class Rng(Module):
     super().__init__(graph)
 
   def _require(self, params: Params, name: str) -> Any:
-    param = params._data.get(self.param_path(name))
+    param = params.get(self.param_path(name))
     if param is None:
-      where = '/'.join(self.graph.path)
+      where = path_to_str(self.graph.path)
       raise RngNotSeededError(
           f'Rng {where} is not seeded (no {where}/{name} in params). Seed it '
           f'before the first call: params = rng.seed(params, seed=0).'
@@ -83,7 +83,7 @@ class Rng(Module):
   def seed(self, params: Params, *, seed: Any = None, counter: Any = None) -> Params:
     """Creates the stream (`seed` required, counter 0) or updates it."""
     exists = self.param_path('seed') in params
-    where = '/'.join(self.graph.path)
+    where = path_to_str(self.graph.path)
     if not exists and seed is None:
       raise ValueError(f'Rng {where} is not seeded yet: pass seed= (an int or jax.random.key).')
     if exists and seed is None and counter is None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from blox.graph import Graph
 from blox.module import Module
-from blox.params import Params
+from blox.params import Params, path_to_str
 
 InputsT = TypeVar('InputsT')
 StateT = TypeVar('StateT')
@@ -161,7 +161,7 @@ class RecurrenceBase(SequenceBase[InputsT, StateT, OutputsT, ResetT]):
   def apply(self, params: Params, inputs: InputsT, prev_state: StateT | None = None,
             is_reset: ResetT | None = None, is_training: bool = True) -> tuple[tuple[OutputsT, StateT], Params]:
     """`inputs: [batch, time, ...]` -> `((outputs: [batch, time, ...], final_state), params)`."""
-    _time_length(inputs, f"{type(self).__name__} {'/'.join(self.graph.path)}.apply")
+    _time_length(inputs, f"{type(self).__name__} {path_to_str(self.graph.path)}.apply")
     if prev_state is None:
       prev_state, params = self.initial_state(params, _at(inputs, 0))
     scan = static_scan if self._is_static else dynamic_scan

@@ -30,4 +30,4 @@ def fill_params(abstract: bx.Params, seed: int = 0, std: float = 0.3) -> bx.Para
     else:
       value = jnp.asarray(std * rs.standard_normal(v.shape), v.dtype)
     data[path] = param.replace(value=value)
-  return bx.Params(data, abstract.is_locked)
+  return bx.Params.from_items(data, locked=abstract.is_locked)

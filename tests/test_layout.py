@@ -80,10 +80,10 @@ def test_per_layer_params_drive_an_unrolled_model_to_the_same_output():
   key = jax.random.fold_in(seed, counter)
   h = x
   for i, blk in enumerate(blocks):
-    data = dict(flat._data)
+    data = dict(flat.items())
     data[('m', 'rng', 'seed')] = data[('m', 'rng', 'seed')].replace(value=jax.random.fold_in(key, i))
     data[('m', 'rng', 'counter')] = data[('m', 'rng', 'counter')].replace(value=jnp.uint32(0))
-    p = bx.Params(data, True)
+    p = bx.Params.from_items(data, locked=True)
     h, _ = blk(p, h)
   y, _ = stack(params, x)
   tree_allclose(y, h)
@@ -92,12 +92,12 @@ def test_per_layer_params_drive_an_unrolled_model_to_the_same_output():
 def test_restack_errors_name_the_difference():
   stack, params, _ = build()
   flat = bs.unstack(params, stack)
-  data = dict(flat._data)
+  data = dict(flat.items())
   path = ('m', 'stack', 'layer_1', 'up', 'kernel')
   data[path] = data[path].replace(value=jnp.zeros((D, H + 1)))
   with pytest.raises(ValueError, match=r'up/kernel differs between layer_0 and layer_1'):
     bs.restack(bx.Params(data), stack)
-  data = dict(flat._data)
+  data = dict(flat.items())
   del data[('m', 'stack', 'layer_2', 'bn', 'bias')]
   with pytest.raises(ValueError, match=r"layer_2 differ from layer_0.*\['bn/bias'\]"):
     bs.restack(bx.Params(data), stack)

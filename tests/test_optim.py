@@ -102,13 +102,13 @@ def test_adamw_chain_matches_hand_written_reference():
   rng = np.random.default_rng(0)
   values = {'kernel': rng.normal(size=(3, 4)).astype(np.float32), 'scale': rng.normal(size=(4,)).astype(np.float32)}
   axes = {'kernel': ('embed', 'mlp'), 'scale': ('norm',)}
-  params = bx.Params({(k,): bx.Param(jnp.asarray(v), True, {'sharding': axes[k]}) for k, v in values.items()}, True)
+  params = bx.Params.from_items({(k,): bx.Param(jnp.asarray(v), True, {'sharding': axes[k]}) for k, v in values.items()}, locked=True)
   grads_seq = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in values.items()} for _ in range(total)]
   optimizer, _ = make_optimizer(cfg, total)
   state = optimizer.init(params)
   update = jax.jit(optimizer.update)
   for grads in grads_seq:
-    g = bx.Params({(k,): params[(k,)].replace(value=jnp.asarray(x)) for k, x in grads.items()}, True)
+    g = bx.Params.from_items({(k,): params[(k,)].replace(value=jnp.asarray(x)) for k, x in grads.items()}, locked=True)
     updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
   want = _adamw_reference(values, grads_seq, cfg, total)

@@ -66,7 +66,7 @@ def make(remat, **kw):
     data = dict(rest)
     for p, v in weights.items():
       data[p] = params[p].replace(value=v)
-    y, _ = stack(bx.Params(data, True), x)
+    y, _ = stack(bx.Params.from_items(data, locked=True), x)
     return jnp.sum(y)  # linear in y: the loss itself saves no residual
 
   return loss, weights, x

@@ -103,14 +103,14 @@ def reference(block_cls, stacked_params, x, num_layers):
     data[('m', 'rng', 'counter')] = bx.Param(jnp.uint32(0), False, outer[('m', 'rng', 'counter')].metadata)
     for p, q in stacked.items():
       data[('m', 'stack', f'layer_{i}') + p[3:]] = bx.Param(q.value[i], q.trainable)
-    x, out = block(bx.Params(data, True), x)
+    x, out = block(bx.Params.from_items(data, locked=True), x)
     for p in stacked:
       new_values.setdefault(p, []).append(out[('m', 'stack', f'layer_{i}') + p[3:]].value)
-  data = dict(stacked_params._data)
+  data = dict(stacked_params.items())
   data[('m', 'rng', 'counter')] = data[('m', 'rng', 'counter')].replace(value=counter + jnp.uint32(1))
   for p, vs in new_values.items():
     data[p] = data[p].replace(value=jnp.stack(vs))
-  return x, bx.Params(data, stacked_params.is_locked)
+  return x, bx.Params.from_items(data, locked=stacked_params.is_locked)
 
 
 def vals(params):
@@ -178,9 +178,9 @@ def test_batchnorm_stats_are_stacked_and_updated_per_layer():
 
 
 def _with_value(params, path, value):
-  data = dict(params._data)
+  data = dict(params.items())
   data[path] = data[path].replace(value=value)
-  return bx.Params(data, params.is_locked)
+  return bx.Params.from_items(data, locked=params.is_locked)
 
 
 def _reset_stats(params):
@@ -323,9 +323,9 @@ def test_outer_rng_state_goes_through_the_carry_and_outer_trainables_get_gradien
 
 
 def _replace(params, path, value):
-  data = dict(params._data)
+  data = dict(params.items())
   data[path] = data[path].replace(value=value)
-  return bx.Params(data, params.is_locked)
+  return bx.Params.from_items(data, locked=params.is_locked)
 
 
 def test_unchanged_params_are_not_emitted_by_the_scan():

@@ -37,7 +37,7 @@ def _cache_reference(params, x, caches, pos, L):
     for p, q in params.items():
       if p[:3] == ('m', 'stack', 'block'):
         data[('m', 'stack', f'layer_{i}') + p[3:]] = bx.Param(q.value[i])
-    (x, c), _ = blk(bx.Params(data, True), x, caches[i], pos)
+    (x, c), _ = blk(bx.Params.from_items(data, locked=True), x, caches[i], pos)
     outs.append(c)
   return x, jnp.stack(outs)
 

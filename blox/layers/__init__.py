@@ -1,5 +1,10 @@
-"""The layers of blox: each a Module with `outputs, params = layer(params, *inputs)`."""
+"""The layers of blox: each a Module with `outputs, params = layer(params, *inputs)`.
 
+Also the mixed-precision helpers layers built elsewhere (blox_scale's) share:
+`DType`, `compute_dtype(dtype, *arrays)` and `cast(x, dtype)`.
+"""
+
+from blox.layers._common import DType, cast, compute_dtype
 from blox.layers.conv import Conv, ConvTranspose
 from blox.layers.dropout import Dropout
 from blox.layers.linear import Embed, Linear
@@ -11,4 +16,5 @@ from blox.layers.sequential import Sequential
 __all__ = [
     'Linear', 'Embed', 'LayerNorm', 'RMSNorm', 'BatchNorm', 'Dropout', 'Conv', 'ConvTranspose',
     'max_pool', 'min_pool', 'avg_pool', 'Sequential', 'LSTM', 'LSTMState', 'GRU', 'GRUState',
+    'DType', 'cast', 'compute_dtype',
 ]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from blox.graph import Graph
 from blox.layers._common import DType, add_bias, cast, compute_dtype, with_axes
 from blox.module import Module
-from blox.params import Params
+from blox.params import Params, path_to_str
 from blox.rng import Rng
 
 Initializer = jax.nn.initializers.Initializer
@@ -87,7 +87,7 @@ class _ConvBase(Module):
 
   @property
   def _where(self) -> str:
-    return f"{type(self).__name__} {'/'.join(self.graph.path)}"
+    return f"{type(self).__name__} {path_to_str(self.graph.path)}"
 
 
 class Conv(_ConvBase):
@@ -187,7 +187,7 @@ class ConvTranspose(_ConvBase):
     super().__init__(graph)
     if feature_group_count != 1:
       raise ValueError(
-          f"ConvTranspose {'/'.join(graph.path)}: feature_group_count="
+          f"ConvTranspose {path_to_str(graph.path)}: feature_group_count="
           f'{feature_group_count} is not supported (jax.lax.conv_transpose has no '
           'groups). Use feature_group_count=1, or split the channels and apply one '
           'ConvTranspose per group.'

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from blox.graph import Graph
 from blox.layers._common import DType, cast, require_bool
 from blox.module import Module
-from blox.params import Params
+from blox.params import Params, path_to_str
 from blox.rng import Rng
 
 
@@ -25,18 +25,18 @@ class Dropout(Module):
     super().__init__(graph)
     if not 0.0 <= rate < 1.0:
       raise ValueError(
-          f"Dropout {'/'.join(graph.path)}: rate is the drop probability and must "
+          f"Dropout {path_to_str(graph.path)}: rate is the drop probability and must "
           f'be in [0, 1), got {rate}.'
       )
     if not isinstance(rng, Rng):
-      raise TypeError(f"Dropout {'/'.join(graph.path)}: rng must be a bx.Rng, got {type(rng).__name__}.")
+      raise TypeError(f"Dropout {path_to_str(graph.path)}: rng must be a bx.Rng, got {type(rng).__name__}.")
     self.rate = rate
     self.rng = rng
     self.dtype = dtype
 
   def __call__(self, params: Params, inputs: jax.Array, is_training: bool = True) -> tuple[jax.Array, Params]:
     """`inputs: [...]` -> same shape (dtype `dtype` if set)."""
-    is_training = require_bool(is_training, 'is_training', f"Dropout {'/'.join(self.graph.path)}")
+    is_training = require_bool(is_training, 'is_training', f"Dropout {path_to_str(self.graph.path)}")
     x = inputs if self.dtype is None else cast(inputs, jnp.dtype(self.dtype))
     if not is_training or self.rate == 0.0:
       return x, params

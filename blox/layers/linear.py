@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from blox.graph import Graph
 from blox.layers._common import DType, add_bias, cast, compute_dtype, with_axes
 from blox.module import Module
-from blox.params import Params
+from blox.params import Params, path_to_str
 from blox.rng import Rng
 
 Initializer = jax.nn.initializers.Initializer
@@ -64,7 +64,7 @@ class Linear(Module):
     """`inputs: [..., in_features]` -> `[..., output_size]`."""
     if not inputs.shape:
       raise ValueError(
-          f"Linear {'/'.join(self.graph.path)}: input must have at least one "
+          f"Linear {path_to_str(self.graph.path)}: input must have at least one "
           'dimension (the features), got a scalar. Reshape it, e.g. x[None].'
       )
     kernel, params = self.get_param(
@@ -121,7 +121,7 @@ class Embed(Module):
     """`indices: int[...]` -> `[..., embedding_size]`."""
     if not jnp.issubdtype(jnp.asarray(indices).dtype, jnp.integer):
       raise TypeError(
-          f"Embed {'/'.join(self.graph.path)}: indices must be integers, got "
+          f"Embed {path_to_str(self.graph.path)}: indices must be integers, got "
           f'{jnp.asarray(indices).dtype}. Cast token ids with .astype(jnp.int32).'
       )
     table, params = self._table(params)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from blox.graph import Graph
 from blox.layers._common import DType, cast, expand_last, require_bool, stats_dtype, with_axes
 from blox.module import Module
-from blox.params import Params
+from blox.params import Params, path_to_str
 from blox.rng import Rng
 
 Initializer = jax.nn.initializers.Initializer
@@ -197,7 +197,7 @@ class BatchNorm(_Norm):
 
   def __call__(self, params: Params, inputs: jax.Array, is_training: bool = True) -> tuple[jax.Array, Params]:
     """`inputs: [batch, *spatial, features]` -> same shape."""
-    is_training = require_bool(is_training, 'is_training', f"BatchNorm {'/'.join(self.graph.path)}")
+    is_training = require_bool(is_training, 'is_training', f"BatchNorm {path_to_str(self.graph.path)}")
     features = inputs.shape[-1]
     # Same creation order as jax-blox (running stats first, each drawing a
     # key when rng is given) so the same seed gives the same numbers.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from blox.graph import Graph
 from blox.layers._common import DType
 from blox.layers.linear import Linear
-from blox.params import Params
+from blox.params import Params, path_to_str
 from blox.rng import Rng
 from blox.sequence import RecurrenceBase
 
@@ -60,7 +60,7 @@ class LSTM(RecurrenceBase[jax.Array, LSTMState, jax.Array, jax.Array]):
     del is_training  # no dropout inside the cell
     if prev_state is None:
       raise ValueError(
-          f"LSTM {'/'.join(self.graph.path)}: a step needs prev_state; build one with "
+          f"LSTM {path_to_str(self.graph.path)}: a step needs prev_state; build one with "
           'state, params = lstm.initial_state(params, x), or use lstm.apply for a sequence.'
       )
     state = self.maybe_reset_state(params, prev_state, inputs, is_reset)
@@ -97,7 +97,7 @@ class GRU(RecurrenceBase[jax.Array, GRUState, jax.Array, jax.Array]):
     del is_training
     if prev_state is None:
       raise ValueError(
-          f"GRU {'/'.join(self.graph.path)}: a step needs prev_state; build one with "
+          f"GRU {path_to_str(self.graph.path)}: a step needs prev_state; build one with "
           'state, params = gru.initial_state(params, x), or use gru.apply for a sequence.'
       )
     h = self.maybe_reset_state(params, prev_state, inputs, is_reset).hidden

@@ -8,7 +8,7 @@ import jax
 
 from blox.graph import Graph
 from blox.module import Module
-from blox.params import Params
+from blox.params import Params, path_to_str
 
 
 class Sequential(Module):
@@ -25,7 +25,7 @@ class Sequential(Module):
     for i, layer in enumerate(layers):
       if not callable(layer):
         raise TypeError(
-            f"Sequential {'/'.join(graph.path)}: layer {i} is a {type(layer).__name__}, "
+            f"Sequential {path_to_str(graph.path)}: layer {i} is a {type(layer).__name__}, "
             'not a Module or a callable.'
         )
     self.layers = list(layers)

@@ -175,7 +175,7 @@ def param_sources(directory: str | Path, dtype: str = 'float32', progress: Progr
 
       sources[path] = (rule.per_layer, source)
   rng_paths = set(model.rng.seed(bx.Params(), seed=0).keys())
-  unfilled = sorted('/'.join(p) for p in abstract.keys() if p not in sources and p not in rng_paths)
+  unfilled = sorted(bx.path_to_str(p) for p in abstract.keys() if p not in sources and p not in rng_paths)
   if unfilled:
     raise AssertionError(f'{family.name} table does not fill {unfilled}')
   return model, abstract, sources
@@ -292,7 +292,7 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
   out_dir = Path(out_dir)
   if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
     raise FileExistsError(f'{out_dir}: exists and is not empty; pass overwrite=True or choose a new directory')
-  missing = sorted('/'.join(_path(model, n)) for r in family.rules(c) for n in r.blox if _path(model, n) not in params)
+  missing = sorted(bx.path_to_str(_path(model, n)) for r in family.rules(c) for n in r.blox if _path(model, n) not in params)
   if missing:
     raise ConversionError([(m, 'missing from params', 'pass the params of this model') for m in missing])
   dtype = dtype or str(jnp.dtype(params[_path(model, 'embed/embedding')].value.dtype))

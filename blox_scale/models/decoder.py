@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import blox as bx
-from blox.layers._common import DType, cast
+from blox.layers import DType, cast
 from blox_scale.models.config import ModelConfig
 from blox_scale.nn.attention import Cache, attention_mask
 from blox_scale.nn.block import TransformerBlock, make_norm

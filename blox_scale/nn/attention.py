@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import blox as bx
-from blox.layers._common import DType, cast, compute_dtype
+from blox.layers import DType, cast, compute_dtype
 from blox_scale.nn.config import AttentionConfig
 from blox_scale.nn.rope import apply_rope
 
@@ -81,7 +81,7 @@ class Attention(bx.Module):
     super().__init__(graph)
     c = config
     num_kv_heads = c.num_kv_heads or c.num_heads
-    where = '/'.join(graph.path)
+    where = bx.path_to_str(graph.path)
     if c.num_heads < 1 or num_kv_heads < 1 or c.num_heads % num_kv_heads:
       raise ValueError(
           f'Attention {where}: num_heads={c.num_heads} must be a positive multiple of '
@@ -156,7 +156,7 @@ class Attention(bx.Module):
     else:
       if mask is None:
         raise ValueError(
-            f"Attention {'/'.join(self.graph.path)}: decoding with a cache needs mask= "
+            f"Attention {bx.path_to_str(self.graph.path)}: decoding with a cache needs mask= "
             '(bool[batch, 1, T, S], see blox_scale.nn.attention_mask).')
       # Write the new keys/values into this layer's copy of the cache and attend
       # over all S slots; the mask hides empty, padded and future slots.

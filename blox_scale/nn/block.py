@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import blox as bx
-from blox.layers._common import DType
+from blox.layers import DType
 from blox_scale.nn.attention import Attention, Cache
 from blox_scale.nn.config import BlockConfig
 from blox_scale.nn.mlp import MLP
@@ -30,7 +30,7 @@ def make_norm(graph: bx.Graph, kind: str, eps: float, param_dtype: DType, dtype:
     return bx.RMSNorm(graph, epsilon=eps, param_dtype=param_dtype, dtype=dtype)
   if kind == 'layernorm':
     return bx.LayerNorm(graph, epsilon=eps, param_dtype=param_dtype, dtype=dtype)
-  raise ValueError(f"norm={kind!r} is not one of {NORMS} (at {'/'.join(graph.path)}).")
+  raise ValueError(f"norm={kind!r} is not one of {NORMS} (at {bx.path_to_str(graph.path)}).")
 
 
 class TransformerBlock(bx.Module):
@@ -57,7 +57,7 @@ class TransformerBlock(bx.Module):
     self.dropout = None
     if c.dropout_rate > 0.0:
       if rng is None:
-        raise ValueError(f"TransformerBlock {'/'.join(graph.path)}: dropout_rate={c.dropout_rate} needs rng=bx.Rng.")
+        raise ValueError(f"TransformerBlock {bx.path_to_str(graph.path)}: dropout_rate={c.dropout_rate} needs rng=bx.Rng.")
       self.dropout = bx.Dropout(graph.child('dropout'), c.dropout_rate, rng)
 
   def _drop(self, params: bx.Params, x: jax.Array, is_training: bool) -> tuple[jax.Array, bx.Params]:
@@ -78,7 +78,7 @@ class TransformerBlock(bx.Module):
   ) -> tuple[Any, bx.Params]:
     if x.ndim != 3 or x.shape[-1] != self.config.d_model:
       raise ValueError(
-          f"TransformerBlock {'/'.join(self.graph.path)}: expected x: [batch, seq, {self.config.d_model}], got {x.shape}.")
+          f"TransformerBlock {bx.path_to_str(self.graph.path)}: expected x: [batch, seq, {self.config.d_model}], got {x.shape}.")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape[:2])
     x = constrain(x, ('batch', 'seq', 'embed'))

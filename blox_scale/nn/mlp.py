@@ -32,7 +32,7 @@ class MLP(bx.Module):
     super().__init__(graph)
     c = config
     if c.activation not in ACTIVATIONS:
-      raise ValueError(f"MLP {'/'.join(graph.path)}: activation={c.activation!r} is not one of {sorted(ACTIVATIONS)}.")
+      raise ValueError(f"MLP {bx.path_to_str(graph.path)}: activation={c.activation!r} is not one of {sorted(ACTIVATIONS)}.")
     self.config = c
     out_std = c.init_std if c.out_init_std is None else c.out_init_std
 

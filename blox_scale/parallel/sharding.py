@@ -160,15 +160,9 @@ def _check_rules(mesh: Mesh, rules: Rules) -> None:
 # -----------------------------------------------------------------------------
 
 
-def _path_str(key_path: tuple[Any, ...]) -> str:
+def _path_name(key_path: tuple[Any, ...]) -> str:
   """Readable path for a leaf of Params (`lm/stack/block/mlp/kernel`)."""
-  parts = []
-  for k in key_path:
-    key = getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
-    if key == '_data':
-      continue
-    parts.append('/'.join(map(str, key)) if isinstance(key, tuple) else str(key))
-  return '/'.join(parts) or '<root>'
+  return bx.key_path_to_str(key_path) or '<root>'
 
 
 def _axis_size(mesh: Mesh, entry: Any) -> int:
@@ -221,7 +215,7 @@ def param_shardings(abstract_params: Any, mesh: Mesh, rules: Rules) -> Any:
 
   def one(key_path: tuple, leaf: Any) -> Any:
     if _is_param(leaf):
-      spec = spec_for(_path_str(key_path), np.shape(leaf.value), leaf.sharding, mesh, rules)
+      spec = spec_for(_path_name(key_path), np.shape(leaf.value), leaf.sharding, mesh, rules)
       return leaf.replace(value=NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
 
@@ -250,7 +244,7 @@ def state_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
       shape = np.shape(leaf.value)
       axes = tuple(leaf.sharding)
       if axes and fits(shape, axes):
-        spec = spec_for(_path_str(key_path), shape, axes, mesh, rules)
+        spec = spec_for(_path_name(key_path), shape, axes, mesh, rules)
       else:
         spec = PartitionSpec()
       return leaf.replace(value=NamedSharding(mesh, spec))

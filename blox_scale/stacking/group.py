@@ -35,10 +35,10 @@ class Group(bx.Module):
                names: Sequence[str] | None = None, per_layer: bool = False) -> None:
     super().__init__(graph)
     if not blocks:
-      raise ValueError(f'Group {"/".join(graph.path)}: give at least one sub-block factory.')
+      raise ValueError(f'Group {bx.path_to_str(graph.path)}: give at least one sub-block factory.')
     names = [f'sub_{j}' for j in range(len(blocks))] if names is None else list(names)
     if len(names) != len(blocks):
-      raise ValueError(f'Group {"/".join(graph.path)}: {len(names)} names for {len(blocks)} blocks.')
+      raise ValueError(f'Group {bx.path_to_str(graph.path)}: {len(names)} names for {len(blocks)} blocks.')
     self.blocks = [make(graph.child(name)) for make, name in zip(blocks, names)]
     self.per_layer = per_layer
 
@@ -50,7 +50,7 @@ class Group(bx.Module):
     xs, *args = args
     if len(xs) != len(self.blocks):
       raise ValueError(
-          f'Group {"/".join(self.graph.path)}: per-layer input has {len(xs)} entries '
+          f'Group {bx.path_to_str(self.graph.path)}: per-layer input has {len(xs)} entries '
           f'for {len(self.blocks)} sub-blocks; give one per sub-block (None if unused).'
       )
     ys = []

@@ -18,18 +18,13 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
-from blox import Metadata, Param, Params
-from blox.graph import Path
+from blox import Metadata, Param, Params, Path, path_to_str
 
 if TYPE_CHECKING:
   from blox_scale.stacking.stack import Stack
 
 LAYERS = 'layers'
 _LAYER_NAME = re.compile(r'layer_(\d+)$')
-
-
-def _fmt(path: Path) -> str:
-  return '/'.join(path)
 
 
 def stacked_metadata(metadata: Mapping[str, Any], ndim: int) -> Metadata:
@@ -67,15 +62,15 @@ def unstack(params: Params, stack: Stack) -> Params:
     shape = np.shape(param.value)
     if not shape or shape[0] != stack.num_layers:
       raise ValueError(
-          f'unstack: param {_fmt(path)} has shape {shape}, but params of Stack '
-          f'{_fmt(base)} need a leading layer axis of size num_layers='
+          f'unstack: param {path_to_str(path)} has shape {shape}, but params of Stack '
+          f'{path_to_str(base)} need a leading layer axis of size num_layers='
           f'{stack.num_layers}. Are these params already per-layer?'
       )
     meta = layer_metadata(param.metadata)
     rest = path[len(prefix):]
     for i in range(stack.num_layers):
       data[base + (f'layer_{i}',) + rest] = Param(param.value[i], param.trainable, meta)
-  return Params(data, params.is_locked)
+  return Params.from_items(data, locked=params.is_locked)
 
 
 def restack(params: Params, stack: Stack) -> Params:
@@ -98,9 +93,9 @@ def restack(params: Params, stack: Stack) -> Params:
     layers.setdefault(int(match.group(1)), {})[path[len(base) + 1:]] = param
   if sorted(layers) != list(range(num_layers)):
     raise ValueError(
-        f'restack: Stack {_fmt(base)} has num_layers={num_layers}, but the '
+        f'restack: Stack {path_to_str(base)} has num_layers={num_layers}, but the '
         f'per-layer params hold layers {sorted(layers)}. Expected exactly '
-        f'{_fmt(base)}/layer_0 ... layer_{num_layers - 1}.'
+        f'{path_to_str(base)}/layer_0 ... layer_{num_layers - 1}.'
     )
   first = layers[0]
   for i in range(1, num_layers):
@@ -108,7 +103,7 @@ def restack(params: Params, stack: Stack) -> Params:
       diff = sorted(set(layers[i]) ^ set(first))
       raise ValueError(
           f'restack: the params of layer_{i} differ from layer_0 in Stack '
-          f'{_fmt(base)}: {[_fmt(d) for d in diff]} present in only one of them. '
+          f'{path_to_str(base)}: {[path_to_str(d) for d in diff]} present in only one of them. '
           'Every layer of a stack must have the same params.'
       )
     for rest, p0 in first.items():
@@ -117,11 +112,11 @@ def restack(params: Params, stack: Stack) -> Params:
               and pi.trainable == p0.trainable and pi.metadata == p0.metadata)
       if not same:
         raise ValueError(
-            f'restack: param {_fmt(rest)} differs between layer_0 and layer_{i} '
-            f'of Stack {_fmt(base)}: {p0!r} vs {pi!r}. Every layer of a stack '
+            f'restack: param {path_to_str(rest)} differs between layer_0 and layer_{i} '
+            f'of Stack {path_to_str(base)}: {p0!r} vs {pi!r}. Every layer of a stack '
             'must have the same shapes, dtypes, trainability and metadata.'
         )
   for rest, p0 in first.items():
     value = jnp.stack([layers[i][rest].value for i in range(num_layers)])
     data[prefix + rest] = Param(value, p0.trainable, stacked_metadata(p0.metadata, np.ndim(p0.value)))
-  return Params(data, params.is_locked)
+  return Params.from_items(data, locked=params.is_locked)

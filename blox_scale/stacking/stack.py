@@ -20,56 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import blox as bx
-from blox.graph import Path
+from blox import Path
 from blox_scale.stacking import remat as remat_lib
 from blox_scale.stacking.layout import layer_metadata, stacked_metadata
 
 BlockFactory = Callable[[bx.Graph], bx.Module]
 
 
-def _fmt(path: Path) -> str:
-  return '/'.join(path)
-
-
 def _describe(tree: Any) -> str:
   leaves = [f'{jnp.dtype(l.dtype).name}{list(np.shape(l))}' for l in jax.tree.leaves(tree)]
   return leaves[0] if len(leaves) == 1 else f'({", ".join(leaves)})'
-
-
-class _Recording(bx.Params):
-  """Params that remember the value each param was CREATED with.
-
-  Lazy init runs the block's forward; a stateful block (BatchNorm) updates
-  its state in that same call. A stack must store the created state, not
-  state already updated by a forward on the wrong inputs (at init every
-  layer sees the stack's input), so creation is recorded here.
-  """
-
-  __slots__ = ('_created',)
-
-  def __init__(self, data: dict, locked: bool, created: dict) -> None:
-    super().__init__(data, locked)
-    self._created = created
-
-  def _with(self, path: Path, param: bx.Param) -> bx.Params:
-    if path not in self._data and path not in self._created:
-      self._created[path] = param
-    data = dict(self._data)
-    data[path] = param
-    return _Recording(data, self._locked, self._created)
-
-
-class _Box:
-  # Identity-hashed holder: lets _Recording cross a jax transform inside a block.
-  def __init__(self, d: dict) -> None:
-    self.d = d
-
-
-jax.tree_util.register_pytree_node(
-    _Recording,
-    lambda r: ((r._data,), (r._locked, _Box(r._created))),
-    lambda aux, children: _Recording(children[0], aux[0], aux[1].d),
-)
 
 
 def _nested_group_size(nested: bool | int, num_layers: int, where: str) -> int | None:
@@ -139,7 +99,7 @@ class Stack(bx.Module):
       nested: bool | int = False,
   ) -> None:
     super().__init__(graph)
-    where = _fmt(graph.path)
+    where = bx.path_to_str(graph.path)
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
       raise ValueError(f'Stack {where}: num_layers must be an int >= 1, got {num_layers!r}.')
     if isinstance(block, (list, tuple)):
@@ -191,7 +151,7 @@ class Stack(bx.Module):
     for leaf in jax.tree.leaves(xs):
       if np.ndim(leaf) < 1 or np.shape(leaf)[0] != self.num_layers:
         raise ValueError(
-            f'Stack {_fmt(self.graph.path)}.call_per_layer: every leaf of xs needs a '
+            f'Stack {bx.path_to_str(self.graph.path)}.call_per_layer: every leaf of xs needs a '
             f'leading layer axis of size num_layers={self.num_layers}, got shape '
             f'{np.shape(leaf)}.'
         )
@@ -203,7 +163,7 @@ class Stack(bx.Module):
     Returns `params` unchanged when the block params exist already. The
     forward inside init is compiled away (one jitted, vmapped call).
     """
-    if any(self._is_block(p) for p in params._data):
+    if any(self._is_block(p) for p in params):
       return params
     return self._init(params, jax.tree.map(jnp.asarray, x), None, False, args, kwargs)
 
@@ -238,7 +198,7 @@ class Stack(bx.Module):
 
   def _init(self, params: bx.Params, x: Any, xs: Any, per_layer: bool, args: tuple, kwargs: dict) -> bx.Params:
     """Creates the stacked block params: the block's init vmapped over layers."""
-    where = _fmt(self.graph.path)
+    where = bx.path_to_str(self.graph.path)
     if self.rng is not None:
       self.rng.get_seed(params)  # a clear RngNotSeededError before tracing
     # Every Rng stream outside the block (usually just `rng`) restarts per
@@ -248,7 +208,7 @@ class Stack(bx.Module):
     static: dict[Path, tuple[bool, bx.Metadata]] = {}
 
     def init_all(params: bx.Params, x: Any, xs: Any) -> dict[Path, Any]:
-      before = params._data
+      before = dict(params.items())
       streams = self._rng_streams(before)
       init_keys = {s: jax.random.fold_in(before[s].value, salt) for s, _ in streams}
 
@@ -257,20 +217,23 @@ class Stack(bx.Module):
         for seed, counter in streams:
           data[seed] = before[seed].replace(value=jax.random.fold_in(init_keys[seed], i))
           data[counter] = before[counter].replace(value=jnp.zeros((), jnp.uint32))
-        created: dict[Path, bx.Param] = {}
-        _, _, out = self._call_block(_Recording(data, False, created), x, x_i, per_layer, args, kwargs)
-        new = [p for p in out._data if p not in before]
-        outside = [_fmt(p) for p in new if not self._is_block(p)]
+        # A stateful block (BatchNorm) creates its state and updates it in the
+        # same call, on the stack's input rather than the layer's: store the
+        # value each param was created with, not the updated one.
+        with bx.record_created() as created:
+          _, _, out = self._call_block(bx.Params.from_items(data), x, x_i, per_layer, args, kwargs)
+        new = [p for p in out if p not in before]
+        outside = [bx.path_to_str(p) for p in new if not self._is_block(p)]
         if outside:
           raise ValueError(
               f'Stack {where}: the block created params outside its own graph path '
-              f'{_fmt(self.block_path)}: {outside}. A stacked block may read outer '
+              f'{bx.path_to_str(self.block_path)}: {outside}. A stacked block may read outer '
               'params (embeddings, the shared Rng) but must create its own under '
               'its graph node; create shared params before the stack.'
           )
         values = {}
         for p in new:
-          param = created.get(p, out._data[p])
+          param = created.get(p, out[p])
           static[p] = (param.trainable, param.metadata)
           values[p] = param.value
         return values
@@ -281,34 +244,33 @@ class Stack(bx.Module):
     # and XLA drops the throwaway forward (only the created params are
     # outputs). Inside an outer jit or eval_shape this is simply inlined.
     values = jax.jit(init_all)(params, x, xs if per_layer else None)
-    before = params._data
-    data = dict(before)
+    data = dict(params.items())
     for p, v in values.items():
       trainable, meta = static[p]
       data[p] = bx.Param(v, trainable, stacked_metadata(meta, np.ndim(v) - 1))
-    return bx.Params(data, params.is_locked)
+    return bx.Params.from_items(data, locked=params.is_locked)
 
   def _run(self, params: bx.Params, x: Any, xs: Any, args: tuple, kwargs: dict,
            per_layer: bool = False) -> tuple[tuple[Any, Any], bx.Params]:
-    where = _fmt(self.graph.path)
+    where = bx.path_to_str(self.graph.path)
     if not isinstance(params, bx.Params):
       raise TypeError(f'Stack {where} expected Params as its first argument, got {type(params).__name__}.')
     x = jax.tree.map(jnp.asarray, x)  # Python scalars become arrays: x is the scan carry
-    if not any(self._is_block(p) for p in params._data):
+    if not any(self._is_block(p) for p in params):
       if params.is_locked:
         raise bx.ParamsLockedError(
-            f'Stack {where}: no block params under {_fmt(self.block_path)} and params '
+            f'Stack {where}: no block params under {bx.path_to_str(self.block_path)} and params '
             'are locked. Run the model once on unlocked params to initialise it.'
         )
       params = self._init(params, x, xs, per_layer, args, kwargs)
 
     L = self.num_layers
-    stacked = {p: v for p, v in params._data.items() if self._is_block(p)}
+    stacked = {p: v for p, v in params.items() if self._is_block(p)}
     for p, param in stacked.items():
       shape = np.shape(param.value)
       if not shape or shape[0] != L:
         raise ValueError(
-            f'Stack {where}: param {_fmt(p)} has shape {shape}; every block param '
+            f'Stack {where}: param {bx.path_to_str(p)} has shape {shape}; every block param '
             f'needs a leading layer axis of size num_layers={L}, i.e. the same '
             'param for every layer. Per-layer params (layer_0/...) convert with '
             'blox_scale.stacking.layout.restack.'
@@ -321,7 +283,7 @@ class Stack(bx.Module):
       key, params = self.rng(params)  # one draw per stack call
       seed_path, counter_path = self.rng.param_path('seed'), self.rng.param_path('counter')
       rng_paths = (seed_path, counter_path)
-    outer = {p: q for p, q in params._data.items() if not self._is_block(p)}
+    outer = {p: q for p, q in params.items() if not self._is_block(p)}
 
     def layer_params(state: dict, vals: dict, idx: jax.Array) -> dict[Path, bx.Param]:
       data = dict(outer)
@@ -342,10 +304,10 @@ class Stack(bx.Module):
 
     def probe(x, state, vals, idx, x_i):
       data = layer_params(state, vals, idx)
-      y, y_i, out = self._call_block(bx.Params(data, params.is_locked), x, x_i, per_layer, args, kwargs)
+      y, y_i, out = self._call_block(bx.Params.from_items(data, locked=params.is_locked), x, x_i, per_layer, args, kwargs)
       self._check_layer(x, y, data, out)
-      changed['outer'] = [p for p in state if out._data[p].value is not data[p].value]
-      changed['block'] = [p for p in vals if out._data[p].value is not data[p].value]
+      changed['outer'] = [p for p in state if out[p].value is not data[p].value]
+      changed['block'] = [p for p in vals if out[p].value is not data[p].value]
       return y
 
     abstract = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), t)
@@ -358,15 +320,15 @@ class Stack(bx.Module):
     def layer(x, state, vals, idx, x_i):
       """One layer: arrays in, arrays out (what jax.checkpoint wraps)."""
       data = layer_params(state, vals, idx)
-      y, y_i, out = self._call_block(bx.Params(data, params.is_locked), x, x_i, per_layer, args, kwargs)
+      y, y_i, out = self._call_block(bx.Params.from_items(data, locked=params.is_locked), x, x_i, per_layer, args, kwargs)
       for p in data:
-        if p not in state and p not in emit_paths and p not in rng_paths and out._data[p].value is not data[p].value:
+        if p not in state and p not in emit_paths and p not in rng_paths and out[p].value is not data[p].value:
           raise RuntimeError(
-              f'Stack {where}: the block changed {_fmt(p)} on one trace but not on '
+              f'Stack {where}: the block changed {bx.path_to_str(p)} on one trace but not on '
               'another; its state updates must not depend on trace-time Python state.'
           )
-      new_state = {p: out._data[p].value for p in state}
-      emitted = {p: out._data[p].value for p in emit_paths}
+      new_state = {p: out[p].value for p in state}
+      emitted = {p: out[p].value for p in emit_paths}
       return y, new_state, emitted, y_i
 
     layer = remat_lib.checkpoint(layer, self.remat, self.remat_names, prevent_cse=not self.scan)
@@ -377,15 +339,10 @@ class Stack(bx.Module):
     else:
       y, state, emitted, ys = self._loop(layer, x, state, vals_all, idx, xs)
 
-    data = dict(params._data)
-    for p in carry_paths:
-      data[p] = data[p].replace(value=state[p])
-    for p in emit_paths:
-      data[p] = data[p].replace(value=emitted[p])
-    return (y, ys), bx.Params(data, params.is_locked)
+    return (y, ys), params.replace_values({**state, **emitted})
 
   def _check_layer(self, x: Any, y: Any, data: dict, out: bx.Params) -> None:
-    where = _fmt(self.graph.path)
+    where = bx.path_to_str(self.graph.path)
     same = jax.tree.structure(x) == jax.tree.structure(y) and all(
         np.shape(a) == np.shape(b) and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
     if not same:
@@ -395,7 +352,7 @@ class Stack(bx.Module):
           f'got input {_describe(x)} and output {_describe(y)}. Project back to the '
           'input shape, or cast to the input dtype, inside the block.'
       )
-    new = [_fmt(p) for p in out._data if p not in data]
+    new = [bx.path_to_str(p) for p in out if p not in data]
     if new:
       raise ValueError(
           f'Stack {where}: the block created params {new} after the stack was '

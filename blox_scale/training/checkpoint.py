@@ -37,6 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
+import blox as bx
 from blox_scale.training.config import CheckpointConfig, Config, merge_into, to_yaml, validate
 
 CONFIG_FILE = 'config.yaml'
@@ -74,32 +75,20 @@ def _chain(exc: BaseException | None) -> list[BaseException]:
 # -----------------------------------------------------------------------------
 
 
-def _key_name(entry: Any) -> str | None:
-  """One path entry -> a name part (None = not shown, e.g. Params' `_data` field)."""
-  if isinstance(entry, jax.tree_util.DictKey):
-    key = entry.key
-    return '/'.join(map(str, key)) if isinstance(key, tuple) else str(key)
-  if isinstance(entry, jax.tree_util.GetAttrKey):
-    # bx.Params stores its dict in `_data`, bx.Param its array in `value`.
-    return None if entry.name in ('_data', 'value') else entry.name
-  if isinstance(entry, jax.tree_util.SequenceKey):
-    return str(entry.idx)
-  if isinstance(entry, jax.tree_util.FlattenedIndexKey):
-    return str(entry.key)
-  return str(entry)
-
-
 def flat_names(tree: Any) -> tuple[list[str], list[Any], Any]:
-  """`tree` -> (names, leaves, treedef); names are unique '/'-joined paths."""
+  """`tree` -> (names, leaves, treedef); names are unique '/'-joined paths.
+
+  Named by `bx.key_path_to_str`: `'params/lm/embed/embedding'`; a '/' or '%'
+  inside one name is escaped (`%2F`, `%25`), so names never collide by it.
+  """
   with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
   names, leaves = [], []
   for path, leaf in with_path:
-    parts = [p for p in map(_key_name, path) if p]
-    names.append('/'.join(parts) or 'root')
+    names.append(bx.key_path_to_str(path) or 'root')
     leaves.append(leaf)
   if len(set(names)) != len(names):
     dupes = sorted({n for n in names if names.count(n) > 1})
-    raise ValueError(f'Checkpoint names collide: {dupes[:5]}. Param names must not contain "/".')
+    raise ValueError(f'Checkpoint names collide: {dupes[:5]}: two leaves of the train state have the same path name. Rename one of them.')
   return names, leaves, treedef
 
 
@@ -310,7 +299,6 @@ def load_for_inference(path: str | Path, step: int | None = None) -> tuple[Confi
   Restores the params only (no optimizer state). `step` defaults to the
   latest complete checkpoint (or the step dir given as `path`).
   """
-  import blox as bx
   from blox_scale.models import DecoderLM
 
   workdir, step_from_path = _find_workdir(Path(path))

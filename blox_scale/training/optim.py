@@ -85,7 +85,7 @@ def decay_mask(params: Any) -> Any:
   any other pytree, arrays with ndim >= 2 decay.
   """
   if isinstance(params, bx.Params):
-    return bx.Params({k: p.replace(value=_decays(k, p)) for k, p in params.items()}, params.is_locked)
+    return params.replace_values({k: _decays(k, p) for k, p in params.items()})
   return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
