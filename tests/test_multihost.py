@@ -72,7 +72,8 @@ def test_two_processes_match_one_process_then_survive_a_death():
 
   1. Steps 0..2: two processes x 2 devices give the losses of one process x 4.
   2. Process 1 then exits abruptly (after step 3) while process 0 goes on
-     stepping; process 0 must exit with JAX's error within a minute. The
+     stepping; process 0 must exit with status 3 and one line naming JAX's
+     reason (stopped heartbeats) within a minute, not abort. The
      launcher's own backstop (BLOX_FAIL_GRACE) is pushed out of the way, so
      only JAX's heartbeat can end process 0.
   """
@@ -97,10 +98,13 @@ def test_two_processes_match_one_process_then_survive_a_death():
   died = [t for t, l in lines if 'dying abruptly' in l]
   assert died, text[-3000:]
   assert rc != 0
-  survivor_exit = [t for t, l in lines if re.search(r'process 0 exited with status [1-9]', l)]
-  assert survivor_exit, text[-3000:]
-  # The error is JAX's, and it says what happened.
+  # JAX says why; the survivor then ends with blox's one line and status 3, not an abort (134).
   assert 'stopped sending heartbeats' in text, text[-3000:]
+  survivor_exit = [t for t, l in lines if re.search(r'process 0 exited with status 3$', l)]
+  assert survivor_exit, text[-3000:]
+  stops = [l for _, l in lines if l.startswith('[p0] blox: error: process 0 stops')]
+  assert len(stops) == 1 and 'another process of the run died' in stops[0], text[-3000:]
+  assert 'status 134' not in text and 'Aborted' not in text
   waited = survivor_exit[0] - died[0]
   print(f'survivor exited {waited:.1f}s after process 1 died (heartbeat 10s)')
   assert waited < 60, f'process 0 took {waited:.0f}s to notice the dead process'

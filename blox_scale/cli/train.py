@@ -45,8 +45,9 @@ from blox_scale.cli.common import ArgumentParser, run_cli
 from blox_scale.training.checkpoint import CONFIG_FILE, Checkpointer, read_config, save_config
 from blox_scale.training.config import Config, ConfigError, load_config, merge_into
 from blox_scale.training.data import build_data, check_corpus, load_tokens
+from blox_scale.training.integrity import all_finite
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
-from blox_scale.training.metrics import MetricsWriter, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
+from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
 from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
@@ -93,13 +94,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
   parser.add_argument('overrides', nargs='*', help='key=value overrides.')
   args = parser.parse_args(argv)
   return args.config, args.overrides
-
-
-@jax.jit
-def all_finite(tree: Any) -> jax.Array:
-  """bool[]: every floating leaf of `tree` is finite (checked before each save)."""
-  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 def evaluate(eval_step: Any, params: bx.Params, data: Any, mesh: Any, rules: Any) -> float | None:
@@ -233,6 +227,8 @@ def train(config: Config) -> int:
   stop_signal: list[int] = []  # from here on a signal is noted and the loop saves, then stops
   previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum)) for sig in STOP_SIGNALS}
   spikes = LossSpikeGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
+  if latest is not None and primary:  # the guard continues across restarts
+    spikes.extend([r['loss'] for r in read_metrics(workdir, 'train') if r['step'] <= step])
   progress = Progress(cfg.train.steps, step, enabled=primary and cfg.train.progress)
   throughput = Throughput(tokens_per_step, flops_per_token,
                           lambda tokens_per_sec: flops.mfu(tokens_per_sec, flops_per_token, jax.device_count()))

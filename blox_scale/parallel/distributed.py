@@ -21,9 +21,9 @@ heartbeats to process 0; when one stops for `heartbeat_timeout` seconds (a
 crash, a kill, a lost host) every other process is told "The following tasks
 are unhealthy (stopped sending heartbeats)", and when process 0 itself dies
 the others miss their next heartbeat. Nobody hangs in a collective forever.
-JAX's default reaction is a fatal log (abort, exit 134, a core dump where
-enabled); `initialize` installs `peer_lost` instead, which prints one line and
-exits with status 3 (`EXIT_PEER_LOST`).
+JAX's reaction is a fatal log and `abort()` (exit 134, a core dump where
+enabled); `initialize` turns that abort into one line and exit status 3
+(`EXIT_PEER_LOST`).
 """
 
 from __future__ import annotations
@@ -48,18 +48,33 @@ _initialized = False
 EXIT_PEER_LOST = 3
 
 
-def peer_lost(status: Any) -> None:
-  """Called by the coordination client (on its own thread) when a peer or the coordinator is gone.
+_abort_handler: Any = None  # the ctypes callback must outlive the call that installs it
 
-  One line on stderr and an immediate exit: the collectives this process may be
-  blocked in can never finish, so there is nothing to unwind or save.
+
+def _exit_cleanly_on_abort() -> None:
+  """Turns the runtime's abort (SIGABRT, exit 134, a core dump) into one line and exit 3.
+
+  When a peer dies, JAX's coordination client ends the survivors with a fatal
+  log and `abort()`; its only hook (`missed_heartbeat_callback`) cannot call
+  Python (the status argument has no Python type), and Python's own signal
+  handlers run too late to stop an abort. A C-level handler installed with
+  ctypes runs inside `abort()` itself: it writes the line and `_exit`s.
   """
-  import sys
-  detail = ' '.join(str(status).split())[:300]
-  print(f'blox: error: process {_process_index()} lost its peers: {detail}; the run stops '
-        f'(exit {EXIT_PEER_LOST}). Restart all processes: they resume from the last checkpoint.',
-        file=sys.stderr, flush=True)
-  os._exit(EXIT_PEER_LOST)
+  global _abort_handler
+  import ctypes
+  import signal
+
+  def on_abort(signum: int) -> None:
+    os.write(2, (f'blox: error: process {_process_index()} stops: the JAX runtime aborted, most likely because '
+                 'another process of the run died or stopped responding (see the lines above); restart all '
+                 f'processes to resume from the last checkpoint (exit {EXIT_PEER_LOST})\n').encode())
+    os._exit(EXIT_PEER_LOST)
+
+  _abort_handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
+  libc = ctypes.CDLL(None)
+  libc.signal.restype = ctypes.c_void_p
+  libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+  libc.signal(int(signal.SIGABRT), ctypes.cast(_abort_handler, ctypes.c_void_p))
 
 
 def _process_index() -> int | str:
@@ -67,27 +82,6 @@ def _process_index() -> int | str:
     return jax.process_index()
   except Exception:  # noqa: BLE001  (the runtime may be half torn down)
     return '?'
-
-
-def _initialize_with_callback(*args: Any, **kwargs: Any) -> None:
-  """`jax.distributed.initialize`, with `peer_lost` as the client's missed-heartbeat callback.
-
-  JAX does not expose the callback; its client factory (jaxlib's
-  `get_distributed_runtime_client`) takes it, so the factory is wrapped while
-  `initialize` runs.
-  """
-  from jax._src import distributed as jax_distributed
-  factory = jax_distributed._jax.get_distributed_runtime_client
-
-  def client_with_callback(*a: Any, **k: Any) -> Any:
-    k.setdefault('missed_heartbeat_callback', peer_lost)
-    return factory(*a, **k)
-
-  jax_distributed._jax.get_distributed_runtime_client = client_with_callback
-  try:
-    jax.distributed.initialize(*args, **kwargs)
-  finally:
-    jax_distributed._jax.get_distributed_runtime_client = factory
 
 
 def _cluster_environment() -> str | None:
@@ -161,7 +155,7 @@ def initialize(cfg: Any = None) -> bool:
       # A local run: the coordinator listens on loopback only (by default it
       # binds every interface).
       timeouts['coordinator_bind_address'] = address
-    _initialize_with_callback(address, num, pid, cluster_detection_method='deactivate', **timeouts)
+    jax.distributed.initialize(address, num, pid, cluster_detection_method='deactivate', **timeouts)
   else:
     method = cfg.cluster_detection
     if method == 'off':
@@ -172,8 +166,10 @@ def initialize(cfg: Any = None) -> bool:
         _initialized = True
         return False
       method = None  # let JAX try all of its detectors
-    _initialize_with_callback(cluster_detection_method=method, **timeouts)
+    jax.distributed.initialize(cluster_detection_method=method, **timeouts)
   _initialized = True
+  if jax.process_count() > 1:
+    _exit_cleanly_on_abort()
   log.info('jax.distributed: process %d of %d, %d local / %d global devices',
            jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1

@@ -213,9 +213,10 @@ class Checkpointer:
       ), force=True)
     except Exception as e:  # noqa: BLE001  (a synchronous write failure: same report)
       self._failed = True
+      kept = ', '.join(str(s) for s in self.all_steps() if s != int(step)) or 'none'
       raise CheckpointSaveError(f'{self.directory}/{step}: saving the checkpoint failed: {describe_write_error(e)}; '
-                                'the earlier checkpoints are intact. Free space or fix permissions, then rerun to '
-                                'resume') from e
+                                f'the earlier checkpoints ({kept}) are intact. Free space or fix permissions, then '
+                                'rerun to resume') from e
     self._pending = int(step)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any] | None]:

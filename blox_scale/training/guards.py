@@ -40,6 +40,10 @@ class LossSpikeGuard:
     self.history: collections.deque[float] = collections.deque(maxlen=window)
     self.spikes: list[tuple[int, float]] = []
 
+  def extend(self, losses: list[float]) -> None:
+    """Seeds the history (a resumed run: the losses logged before its checkpoint)."""
+    self.history.extend(l for l in losses if np.isfinite(l))
+
   def update(self, step: int, loss: float) -> None:
     if not self.factor or not np.isfinite(loss):
       return  # non-finite values are the non-finite guard's

@@ -50,6 +50,8 @@ class MetricsWriter:
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self._file = self.path.open('a', buffering=1)  # line-buffered: tail -f works
+      if self._file.tell() and not self.path.read_bytes().endswith(b'\n'):
+        self._file.write('\n')  # a process killed mid-line: start the next record on its own line
 
   def write(self, record: dict[str, Any]) -> None:
     if self._file is not None:
@@ -66,7 +68,12 @@ def read_metrics(workdir: str | Path, kind: str | None = 'train') -> list[dict[s
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text(errors='replace').splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue  # blank, or the last line of a process killed while writing it
   if kind is not None:
     records = [r for r in records if r.get('kind') == kind]
   if kind in ('train', 'eval'):

@@ -1,0 +1,94 @@
+"""Checkpoints that verify themselves: a content fingerprint per array, and finiteness.
+
+orbax (0.12) checks the structure of what it restores but not the bytes: a
+flipped bit inside a chunk, or a chunk file deleted (tensorstore then reads
+the fill value, zeros), restores silently. So every save stores, in the
+checkpoint's own JSON metadata (committed atomically with the arrays), a
+64-bit fingerprint of each array's *values*; a restore recomputes it on the
+restored arrays and compares.
+
+The fingerprint is a position-weighted sum of the raw bits, in uint32
+arithmetic (wrapping), computed by one jitted function on the sharded arrays:
+
+    h = sum_i bits[i] * w(i)     with w(i) odd, from a hash of the flat index i
+
+Integer addition modulo 2^32 is exact and order-free, so the value does not
+depend on the mesh or the device count (a checkpoint written on 8 devices
+verifies on 1), and no array is gathered to one host. Any single flipped bit
+changes `bits[i]` by 2^k and `h` by 2^k * w(i) != 0 (mod 2^32) since w(i) is
+odd: it is always detected. Two lanes with independent weights make a random
+multi-bit change go unnoticed with probability about 2^-64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+FINGERPRINT_KEY = 'fingerprints'
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The raw bits of `x` as uint32 (1-, 2- and 4-byte dtypes; typed keys by their key data)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """uint32 row-major index of every element, built from iotas (no reshape of a sharded array)."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % (1 << 32))
+    stride *= shape[dim]
+  return index
+
+
+def _mix(i: jax.Array, seed: int) -> jax.Array:
+  """An odd uint32 weight per index (murmur3's finaliser)."""
+  h = i ^ jnp.uint32(seed)
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  return (h ^ (h >> 16)) | jnp.uint32(1)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """uint32[2] of one array."""
+  bits = _bits(x)
+  if bits.ndim == 0:
+    bits = bits[None]
+  i = _flat_index(bits.shape)
+  lanes = [jnp.sum(bits * _mix(i, seed), dtype=jnp.uint32) for seed in (0x9E3779B9, 0x7F4A7C15)]
+  return jnp.stack(lanes)
+
+
+@jax.jit
+def _fingerprints(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [_leaf_fingerprint(x) for x in leaves]
+
+
+def fingerprints(named: dict[str, jax.Array]) -> dict[str, str]:
+  """`{name: 16 hex digits}` of every array in `named` (one jitted call, one small transfer)."""
+  names = sorted(named)
+  values = jax.device_get(_fingerprints([named[n] for n in names]))
+  return {n: f'{int(v[0]):08x}{int(v[1]):08x}' for n, v in zip(names, values)}
+
+
+def mismatches(named: dict[str, jax.Array], expected: dict[str, str]) -> list[str]:
+  """Names whose restored values do not match the fingerprints saved with them."""
+  got = fingerprints({n: named[n] for n in expected if n in named})
+  return sorted(n for n in expected if got.get(n) != expected[n])
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """bool[]: every floating leaf of `tree` is finite (checked before a save and after a restore)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)

@@ -1,0 +1,184 @@
+"""Fault injection on real blox-train processes: every fault ends with a clear exit and nothing good lost.
+
+One short uninterrupted run (16 steps, a checkpoint every 4) is the reference; each
+fault runs the same command in a copy of its workdir or a fresh one, and asserts the
+exit status, the one-line message, and that the checkpoints that were good stay good:
+a resumed run's losses equal the reference's, step for step. The runs share a JAX
+compilation cache, so only the first one compiles.
+
+(The killed peer of a multi-process run is in tests/test_multihost.py; SIGTERM inside
+the loop and SIGKILL at a random step in tests/test_train.py.)
+"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from blox_scale.training.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 16
+TINY = ['model.d_model=64', 'model.num_layers=2', 'model.num_heads=2', 'model.mlp_dim=128', 'model.remat=none',
+        'model.max_seq_len=32', 'data.seq_len=32', 'data.batch_size=4', 'data.max_bytes=200000',
+        'train.progress=false', 'train.plot=false', 'train.sample_tokens=0', 'train.eval_every=0',
+        'train.log_every=1', f'train.steps={STEPS}', 'checkpoint.every=4', 'checkpoint.keep=10']
+
+
+def _command(workdir, *overrides):
+  merged = dict(item.split('=', 1) for item in (*TINY, f'train.workdir={workdir}', *overrides))
+  return [sys.executable, '-m', 'blox_scale.cli.train', *[f'{k}={v}' for k, v in merged.items()]]
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp('jax_cache')
+  base = {k: v for k, v in os.environ.items() if not k.startswith(('BLOX_', 'JAX_COMPILATION'))}
+  return {**base, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+          'PYTHONPATH': str(REPO), 'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'PYTHONUNBUFFERED': '1'}
+
+
+def _run(env, workdir, *overrides, timeout=300):
+  return subprocess.run(_command(workdir, *overrides), env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in read_metrics(workdir, 'train')}
+
+
+def _steps(workdir):
+  d = Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _tree_bytes(path):
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob('*')) if p.is_file()}
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.startswith('blox-train: error:')]
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, env):
+  """The uninterrupted run: its workdir (checkpoints 4, 8, 12, 16) and its losses."""
+  workdir = tmp_path_factory.mktemp('reference')
+  proc = _run(env, workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _steps(workdir) == [4, 8, 12, 16]
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  return workdir, losses
+
+
+def test_sigkill_mid_save_then_resume_gives_identical_losses(reference, env, tmp_path):
+  _, want = reference
+  workdir = tmp_path / 'run'
+  # A save at every step: the kill lands while some `<step>.orbax-checkpoint-tmp` directory exists.
+  proc = subprocess.Popen(_command(workdir, 'checkpoint.every=1'), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  after = random.Random().randint(2, 8)
+  deadline, killed_mid_save = time.time() + 240, None
+  while time.time() < deadline and proc.poll() is None:
+    ckpt = workdir / 'checkpoints'
+    tmp = [p.name for p in ckpt.iterdir() if 'tmp' in p.name] if ckpt.exists() else []
+    if tmp and len(_steps(workdir)) >= after:
+      proc.send_signal(signal.SIGKILL)
+      killed_mid_save = tmp
+      break
+    time.sleep(0.002)
+  proc.wait(timeout=60)
+  assert killed_mid_save, f'no save in flight was caught (exit {proc.returncode}): {proc.stderr.read()[-2000:]}'
+  kept = _steps(workdir)
+  assert kept and kept[-1] < STEPS
+  resumed = _run(env, workdir, 'checkpoint.every=1')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert read_metrics(workdir, 'start')[-1]['step'] == kept[-1]  # resumed from the last complete save
+  assert _losses(workdir) == want, f'killed during {killed_mid_save}, resumed from {kept[-1]}'
+
+
+def test_signal_before_the_loop_stops_at_once_and_writes_nothing_half(env, tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(_command(workdir), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  first = proc.stdout.readline()  # 'mesh: ...': the run is starting, far from its first step
+  assert first.startswith('mesh:'), first + proc.stderr.read()[-2000:]
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert 'blox-train: SIGTERM outside the training loop: stopped at once' in err
+  assert 'Traceback' not in err and not _steps(workdir) and not _losses(workdir)
+  leftovers = [p for p in workdir.rglob('*') if 'tmp' in p.name] if workdir.exists() else []
+  assert not leftovers
+
+
+def test_sigint_in_the_loop_saves_and_exits_0(env, tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(_command(workdir, 'train.steps=100000', 'checkpoint.every=100000'), env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while max(_losses(workdir), default=0) < 2 and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert 'SIGINT at step' in out
+  assert _steps(workdir) == [max(_losses(workdir))]
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+  path.mkdir()
+  return subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True).returncode == 0
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_earlier_checkpoints(reference, env, tmp_path):
+  ref, want = reference
+  one = sum(p.stat().st_size for p in (ref / 'checkpoints' / '4').rglob('*') if p.is_file())
+  disk = tmp_path / 'disk'
+  if not _mount_tmpfs(disk, f'{(one * 3 // 2 + 256 * 1024) // 1024}k'):  # room for one checkpoint, not two
+    pytest.skip('mounting a tmpfs needs root (CI runs as root)')
+  try:
+    workdir = disk / 'run'
+    proc = _run(env, workdir)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    [line] = _error_lines(proc.stderr) or [proc.stderr[-3000:]]
+    assert 'No space left on device (errno 28, ENOSPC)' in line and f'{workdir}/checkpoints/8' in line, line
+    assert 'the earlier checkpoints (4) are intact' in line, line
+    assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr[-3000:]
+    # Nothing good was lost: on a disk with room, the run resumes from step 4 and matches the reference.
+    moved = tmp_path / 'moved'
+    shutil.copytree(workdir, moved)
+  finally:
+    subprocess.run(['umount', str(disk)], check=False)
+  assert _steps(moved) == [4]
+  resumed = _run(env, moved)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert _losses(moved) == want
+
+
+def test_diverging_run_stops_before_checkpointing(reference, env, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference[0], workdir)
+  before = _tree_bytes(workdir / 'checkpoints')
+  # Resume the healthy run with a learning rate 300x too high: the loss jumps far above its median.
+  proc = _run(env, workdir, 'train.steps=40', 'optimizer.learning_rate=1.0', 'optimizer.schedule=constant',
+              'optimizer.warmup_steps=0')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'resuming with a changed config: optimizer.learning_rate=0.003 -> 1.0' in proc.stderr
+  [line] = _error_lines(proc.stderr)
+  assert 'train.divergence_factor=2: the loss diverged' in line and 'checkpoint.resume=false' in line, line
+  assert 'Traceback' not in proc.stderr
+  assert _steps(workdir) == [4, 8, 12, 16]  # nothing after the divergence was saved
+  assert _tree_bytes(workdir / 'checkpoints') == before
+  assert len(list((workdir / 'config_history').iterdir())) == 1  # the run's original config is kept
