@@ -158,3 +158,40 @@ def test_registry_errors():
   with pytest.raises(ValueError, match=r"remat='offload_names' needs remat_names"):
     bs.Stack(bx.Graph('m').child('s'), lambda g: AttnMLP(g, None), 2, remat='offload_names')
   assert set(remat_lib.POLICIES) == {'none', 'full', 'dots', 'dots_no_batch', 'save_names', 'offload_names'}
+
+
+@pytest.mark.parametrize('name', sorted(remat_lib.JAX_NAMES))
+def test_jax_policy_names_mean_the_jax_policy(name):
+  # A JAX name builds exactly jax.checkpoint_policies.<name> (called with the
+  # stack's arguments for the factories), never a look-alike.
+  names = ('mlp_hidden',)
+  use, policy = remat_lib.resolve_policy(name, names)
+  assert use
+  jax_obj = getattr(jax.checkpoint_policies, name)
+  factories = {
+      'save_only_these_names': lambda: jax_obj(*names),
+      'save_any_names_but_these': lambda: jax_obj(*names),
+      'save_anything_except_these_names': None,  # returns a fresh lambda: compared by behaviour below
+      'save_and_offload_only_these_names': None,
+      'offload_dot_with_no_batch_dims': None,
+  }
+  if name not in factories:
+    assert policy is jax_obj
+  elif factories[name] is not None:
+    assert policy == factories[name]()
+
+
+def test_jax_names_save_what_their_short_twins_save():
+  assert residuals('nothing_saveable') == residuals('full')
+  assert residuals('dots_with_no_batch_dims_saveable') == residuals('dots_no_batch')
+  assert residuals('save_only_these_names', remat_names=('mlp_hidden',)) == sorted([CARRY, HIDDEN])
+  # everything_saveable under jax.checkpoint keeps what no checkpoint keeps.
+  assert residuals('everything_saveable') == residuals('none')
+  # offload_dot_with_no_batch_dims: the projection outputs go to host memory, the scores are recomputed.
+  saved = residuals('offload_dot_with_no_batch_dims')
+  assert f'f32<host>[{L},{B},{S},{H}]' in saved and SCORES not in saved
+
+
+def test_auto_is_not_a_stack_policy():
+  with pytest.raises(ValueError, match=r"'auto' is chosen by the trainer"):
+    remat_lib.resolve_policy('auto')

@@ -101,8 +101,12 @@ class DecoderLM:
                                 param_dtype=self.param_dtype, dtype=self.dtype)
     block_config = c.block(attention_impl)
     block = lambda g: TransformerBlock(g, block_config, self.rng)
+    if c.remat == 'auto':
+      raise ValueError("DecoderLM: model.remat='auto' is resolved by the trainer (blox-train, blox-plan) from the "
+                       'compiled step; build the model with the policy it chose '
+                       '(blox_scale.training.remat_auto.candidate_config).')
     self.layers = Stack(graph.child('layers'), block, c.num_layers, rng=self.rng, remat=c.remat,
-                        remat_names=c.remat_names, scan=c.scan_layers)
+                        remat_names=c.remat_names, scan=c.scan_layers, nested=c.remat_nested)
     self.final_norm = make_norm(graph.child('final_norm'), c.norm, c.norm_eps, self.param_dtype, self.dtype)
     self.head = None
     if not c.tie_embeddings:

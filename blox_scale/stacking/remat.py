@@ -19,8 +19,21 @@ exactly what JAX documents for that policy:
                   saved in host memory (`pinned_host`) instead of device
                   memory, and copied back for the backward pass.
 
+JAX's own names (the attributes of `jax.checkpoint_policies`) are accepted as
+written, so a name never means a different policy than JAX documents for it:
+`nothing_saveable` (= 'full'), `dots_saveable` and `checkpoint_dots` (= 'dots'),
+`dots_with_no_batch_dims_saveable` and `checkpoint_dots_with_no_batch_dims`
+(= 'dots_no_batch'), `save_only_these_names` (= 'save_names'),
+`save_and_offload_only_these_names` (= 'offload_names'), and the ones without a
+short name: `everything_saveable` (under `jax.checkpoint`, saves every residual),
+`offload_dot_with_no_batch_dims` (weight matmul outputs to `pinned_host`),
+`save_any_names_but_these` (named values except `remat_names`) and
+`save_anything_except_these_names` (as JAX 0.10 implements it: saves everything).
+`'auto'` is not a policy: the trainer picks one of these from the compiler's
+memory analysis (`blox_scale.training.remat_auto`).
+
 Any callable is accepted too and used as the policy unchanged. New names are
-added to `POLICIES` (a plain dict), not to a chain of ifs.
+added to `POLICIES` / `JAX_NAMES` (plain dicts), not to a chain of ifs.
 """
 
 from __future__ import annotations
@@ -72,6 +85,29 @@ POLICIES: dict[str, PolicyBuilder] = {
 }
 
 
+# JAX's own names, each building exactly `jax.checkpoint_policies.<name>`. Kept out
+# of POLICIES so that listings of "every policy" (blox-plan --remat all) do not
+# compile the same policy twice under two names.
+JAX_NAMES: dict[str, PolicyBuilder] = {
+    'nothing_saveable': POLICIES['full'],
+    'dots_saveable': POLICIES['dots'],
+    'checkpoint_dots': POLICIES['dots'],
+    'dots_with_no_batch_dims_saveable': POLICIES['dots_no_batch'],
+    'checkpoint_dots_with_no_batch_dims': POLICIES['dots_no_batch'],
+    'save_only_these_names': POLICIES['save_names'],
+    'save_and_offload_only_these_names': POLICIES['offload_names'],
+    'everything_saveable': lambda names: _P.everything_saveable,
+    'offload_dot_with_no_batch_dims': lambda names: _P.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+    'save_any_names_but_these': lambda names: _P.save_any_names_but_these(*names),
+    'save_anything_except_these_names': lambda names: _P.save_anything_except_these_names(*names),
+}
+
+
+def valid_names() -> tuple[str, ...]:
+  """Every accepted remat name: the short ones, then JAX's own."""
+  return tuple(POLICIES) + tuple(JAX_NAMES)
+
+
 def resolve_policy(remat: str | Policy, remat_names: Sequence[str] = ()) -> tuple[bool, Policy | None]:
   """Returns `(use_checkpoint, policy)` for a remat name or callable policy.
 
@@ -80,12 +116,15 @@ def resolve_policy(remat: str | Policy, remat_names: Sequence[str] = ()) -> tupl
   names = tuple(remat_names)
   if callable(remat):
     return True, remat
-  if not isinstance(remat, str) or remat not in POLICIES:
+  builder = POLICIES.get(remat, JAX_NAMES.get(remat)) if isinstance(remat, str) else None
+  if builder is None:
+    hint = (" 'auto' is chosen by the trainer (model.remat: auto), not by a Stack: pass the "
+            'policy it picked.' if remat == 'auto' else '')
     raise ValueError(
-        f'Unknown remat policy {remat!r}. Valid names: {", ".join(sorted(POLICIES))}; '
-        'or pass any callable policy from jax.checkpoint_policies.'
+        f'Unknown remat policy {remat!r}. Valid names: {", ".join(sorted(POLICIES))}; or JAX\'s own: '
+        f'{", ".join(JAX_NAMES)}; or pass any callable policy from jax.checkpoint_policies.{hint}'
     )
-  policy = POLICIES[remat](names)
+  policy = builder(names)
   return policy is not None, policy
 
 

@@ -68,7 +68,7 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
   from blox_scale.models.decoder import POSITIONS
   from blox_scale.nn.block import NORMS
   from blox_scale.nn.mlp import ACTIVATIONS
-  from blox_scale.stacking.remat import POLICIES
+  from blox_scale.stacking.remat import valid_names
 
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'mlp_dim', 'max_seq_len'):
     _at_least(f'model.{key}', getattr(m, key), 1)
@@ -77,8 +77,10 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
   _one_of('model.mlp_activation', m.mlp_activation, ACTIVATIONS)
   _one_of('model.norm', m.norm, NORMS)
   _one_of('model.position', m.position, POSITIONS)
-  _one_of('model.remat', m.remat, POLICIES)
-  if m.remat in ('save_names', 'offload_names') and not m.remat_names:
+  _one_of('model.remat', m.remat, (*valid_names(), 'auto'))
+  _at_least('model.remat_budget_gib', m.remat_budget_gib, 0.0, "use 0 for the device's memory or a positive GiB figure")
+  needs_names = ('save_names', 'offload_names', 'save_only_these_names', 'save_and_offload_only_these_names')
+  if m.remat in needs_names and not m.remat_names:
     _fail('model.remat_names', list(m.remat_names), f'is empty but model.remat={m.remat!r} saves only named values',
           'set model.remat_names=[attn_out,mlp_out] (or pick another model.remat)')
   _float_dtype('model.dtype', m.dtype)
