@@ -111,3 +111,23 @@ def test_config_accepts_auto_and_jax_names():
   assert load_config(None, ['model.remat=dots_with_no_batch_dims_saveable']).model.remat == 'dots_with_no_batch_dims_saveable'
   with pytest.raises(ConfigError, match=r"model.remat='everything': is not a known name; use one of none, full"):
     load_config(None, ['model.remat=everything'])
+
+
+def test_trainer_records_the_choice_in_metrics(tmp_path, capsys):
+  from blox_scale.cli.train import train
+  from blox_scale.training.metrics import read_metrics
+  overrides = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=2', 'model.mlp_dim=64',
+               'model.max_seq_len=32', 'data.seq_len=32', 'data.batch_size=8', 'data.max_bytes=200000',
+               'train.steps=2', 'train.log_every=1', 'train.progress=false', 'train.plot=false',
+               'train.sample_tokens=0', 'train.eval_every=0', 'checkpoint.every=0',
+               'model.remat=auto', 'model.remat_budget_gib=1024', f'train.workdir={tmp_path}']
+  assert train(load_config(None, overrides)) == 0
+  start = read_metrics(tmp_path, 'start')[0]
+  assert start['remat_auto_choice'] == 'none'  # an ample budget: no recomputation
+  assert start['remat_auto_budget_bytes'] == 1024 * 2**30
+  # The recorded peak is XLA's analysis of the very step that ran.
+  peak = (start['step_argument_bytes'] + start['step_output_bytes'] - start['step_alias_bytes']
+          + start['step_temp_bytes'])
+  assert start['remat_auto_none_peak_bytes'] == peak
+  assert "remat=auto chose 'none'" in capsys.readouterr().out
+  assert len(read_metrics(tmp_path, 'train')) == 2

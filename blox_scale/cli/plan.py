@@ -68,6 +68,7 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = Non
   """
   import blox as bx
   from blox_scale.models import DecoderLM
+  from blox_scale.training.remat_auto import candidate_config
   from blox_scale.parallel import sharding
   from blox_scale.training.optim import make_optimizer
   from blox_scale.training.step import abstract_batch, abstract_train_state, make_train_step, train_state_shardings
@@ -86,7 +87,10 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = Non
   rows = []
   for remat in remats:
     names = cfg.model.remat_names or remat_names
-    model_cfg = dataclasses.replace(cfg.model, remat=remat, remat_names=tuple(names))
+    if remat == 'nested':  # a remat=auto candidate: full remat in a nested sqrt(L) scan
+      model_cfg = candidate_config(cfg.model, remat)
+    else:
+      model_cfg = dataclasses.replace(cfg.model, remat=remat, remat_names=tuple(names), remat_nested=False)
     model = DecoderLM(bx.Graph('lm'), model_cfg)
     abstract = abstract_train_state(model, optimizer)
     shardings = train_state_shardings(abstract, mesh, rules)
@@ -139,7 +143,8 @@ def _parser() -> Any:
   ap.add_argument('--config', required=True, help='preset YAML, e.g. configs/llama_7b.yaml')
   ap.add_argument('--devices', type=int, required=True, help=f'number of (fake CPU) devices to plan for (1..{MAX_DEVICES})')
   ap.add_argument('--mesh', default='', help='data=..,fsdp=..,tensor=.. (default: the config\'s mesh)')
-  ap.add_argument('--remat', default='all', help="comma-separated policies, or 'all'")
+  ap.add_argument('--remat', default='all', help="comma-separated policies, 'all', or 'auto' (the candidates of "
+                  "model.remat=auto and the one it would choose for --hbm)")
   ap.add_argument('--batch-size', type=int, default=0, help='global batch (default: data.batch_size)')
   ap.add_argument('--seq-len', type=int, default=0, help='sequence length (default: data.seq_len)')
   ap.add_argument('--hbm', type=float, default=0.0, help='device memory in GiB, to print whether each policy fits')
@@ -151,8 +156,9 @@ def _parser() -> Any:
 def _check(args: Any) -> tuple[Any, list[str]]:
   """Every argument and the config, before JAX starts; returns (config, remat policies)."""
   from blox_scale.cli.common import UsageError
-  from blox_scale.stacking.remat import POLICIES
+  from blox_scale.stacking.remat import POLICIES, valid_names
   from blox_scale.training.config import load_config
+  from blox_scale.training.remat_auto import CANDIDATES
   from blox_scale.training.validation import MESH_AXES, check_devices
 
   if not 1 <= args.devices <= MAX_DEVICES:
@@ -161,11 +167,14 @@ def _check(args: Any) -> tuple[Any, list[str]]:
   for flag, value in (('--batch-size', args.batch_size), ('--seq-len', args.seq_len), ('--hbm', args.hbm)):
     if not value >= 0:
       raise UsageError(f'{flag}={value}: must be >= 0; use 0 for the default')
-  remats = list(POLICIES) if args.remat == 'all' else [r.strip() for r in args.remat.split(',') if r.strip()]
-  unknown = [r for r in remats if r not in POLICIES]
+  if args.remat == 'auto':  # the candidates blox-train compiles for model.remat=auto, least recomputation first
+    remats = list(CANDIDATES)
+  else:
+    remats = list(POLICIES) if args.remat == 'all' else [r.strip() for r in args.remat.split(',') if r.strip()]
+  unknown = [r for r in remats if r not in valid_names() and r not in CANDIDATES]
   if unknown or not remats:
     raise UsageError(f'--remat={args.remat}: unknown polic{"ies" if len(unknown) > 1 else "y"} {", ".join(unknown)}; '
-                     f'use all or a comma-separated list of {", ".join(POLICIES)}')
+                     f'use all, auto or a comma-separated list of {", ".join(POLICIES)} (or JAX\'s policy names)')
   mesh_overrides = []
   for item in filter(None, (kv.strip() for kv in args.mesh.split(','))):
     key, _, value = item.partition('=')
@@ -180,6 +189,9 @@ def _check(args: Any) -> tuple[Any, list[str]]:
     overrides.append(f'data.seq_len={args.seq_len}')
   cfg = load_config(args.config, overrides, files=False)  # seq_len vs max_seq_len, heads, ...
   check_devices(cfg, args.devices)  # the mesh fits the devices, the batch splits
+  if args.remat == 'auto' and not (args.hbm or cfg.model.remat_budget_gib):
+    raise UsageError('--remat auto: needs the per-device memory to plan for; pass --hbm GiB '
+                     '(or model.remat_budget_gib=GiB)')
   return cfg, remats
 
 
@@ -191,6 +203,7 @@ def _main(argv: list[str]) -> int:
   import jax
 
   from blox_scale.parallel import sharding
+  from blox_scale.training import remat_auto
   from blox_scale.training.config import ConfigError
 
   mesh = sharding.make_mesh(cfg.mesh)
@@ -198,11 +211,21 @@ def _main(argv: list[str]) -> int:
   print(f'{args.config}: {m.num_layers} layers, d_model {m.d_model}, params {m.param_dtype}, compute {m.dtype}; '
         f'batch {cfg.data.batch_size} x {cfg.data.seq_len}; '
         f'mesh {dict(mesh.shape)} on {jax.device_count()} devices', flush=True)
+  auto = args.remat == 'auto'
   try:
-    rows = plan(cfg, mesh, remats=remats)
+    rows = plan(cfg, mesh, remats=remats, **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
   except ValueError as e:  # a param that does not divide over the mesh: the message names it
     raise ConfigError(str(e)) from e
-  print(format_rows(rows, args.hbm))
+  budget_gib = (args.hbm or cfg.model.remat_budget_gib) if auto else args.hbm
+  print(format_rows(rows, budget_gib))
+  if auto:
+    measured = [remat_auto.Measured(r.remat, r.peak, r.temp, error=r.error) for r in rows]
+    try:
+      chosen = remat_auto.pick(measured, int(budget_gib * GiB))
+    except remat_auto.RematBudgetError as e:
+      print(f'blox-plan: {e}', file=sys.stderr, flush=True)
+      return 1
+    print(f'remat=auto would choose {chosen.remat!r}: the least recomputation whose peak fits {budget_gib:g} GiB per device.')
   return 0
 
 

@@ -11,7 +11,8 @@ Sections, in the order they run:
   4. model            DecoderLM, optimizer, the abstract train state (nothing allocated)
   5. state            restore the latest checkpoint onto this mesh, or a sharded init
   6. data             grain pipeline, resumed at the checkpoint's iterator state
-  7. step             the jitted sharded train step, compiled ahead (time + memory)
+  7. step             the jitted sharded train step, compiled ahead (time + memory; model.remat=auto
+                      compiles each candidate policy and keeps the least recomputation that fits)
   8. loop             steps; at log steps: metrics, progress, non-finite check;
                       eval; checkpoints (async); SIGTERM -> save and exit
   9. end              final checkpoint, loss plot, samples
@@ -50,6 +51,7 @@ from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_c
 from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
 from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
+from blox_scale.training.remat_auto import budget_bytes, candidate_config, choose_remat
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
 from blox_scale.training.step import (abstract_batch, abstract_train_state, init_train_state, make_eval_step,
                                       make_train_step, train_state_shardings)
@@ -161,7 +163,10 @@ def train(config: Config) -> int:
       f'{jax.process_count()} process(es)')
 
   # -- 4. model, optimizer, abstract state -----------------------------------------------------------
-  model = DecoderLM(bx.Graph('lm'), cfg.model)
+  # model.remat=auto: params and optimizer state do not depend on the policy, so any candidate
+  # gives the abstract state; section 7 compiles the candidates and keeps the one that fits.
+  auto_remat = cfg.model.remat == 'auto'
+  model = DecoderLM(bx.Graph('lm'), candidate_config(cfg.model, 'full') if auto_remat else cfg.model)
   optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
   abstract = abstract_train_state(model, optimizer, cfg.train.seed)
   try:
@@ -205,12 +210,25 @@ def train(config: Config) -> int:
       f'{data.num_eval_windows:,} eval windows of {cfg.data.seq_len}; unigram entropy {data.unigram_entropy:.3f} nats')
 
   # -- 7. step: compile ahead of time ---------------------------------------------------------------
-  train_step = make_train_step(model, optimizer, mesh, rules, state_shardings, batch_shardings,
-                               grad_accum_steps=cfg.optimizer.grad_accum_steps, learning_rate_fn=schedule)
-  eval_step = make_eval_step(model, mesh, rules, batch_shardings)
+  batch_spec = abstract_batch(cfg.data.batch_size, cfg.data.seq_len, batch_shardings)
+
+  def lower_step(model: DecoderLM) -> Any:
+    train_step = make_train_step(model, optimizer, mesh, rules, state_shardings, batch_shardings,
+                                 grad_accum_steps=cfg.optimizer.grad_accum_steps, learning_rate_fn=schedule)
+    return train_step.lower(abstract, batch_spec)
+
   t0 = time.perf_counter()
-  compiled = train_step.lower(abstract, abstract_batch(cfg.data.batch_size, cfg.data.seq_len, batch_shardings)).compile()
+  auto_record: dict[str, Any] = {}
+  if auto_remat:  # XLA's memory analysis of each candidate, least recomputation first
+    choice = choose_remat(lambda name: lower_step(DecoderLM(bx.Graph('lm'), candidate_config(cfg.model, name))),
+                          budget_bytes(cfg.model.remat_budget_gib), log=log)
+    log(choice.summary())
+    model = DecoderLM(bx.Graph('lm'), candidate_config(cfg.model, choice.remat))
+    compiled, auto_record = choice.compiled, choice.record()
+  else:
+    compiled = lower_step(model).compile()
   compile_s = time.perf_counter() - t0
+  eval_step = make_eval_step(model, mesh, rules, batch_shardings)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
   writer = MetricsWriter(workdir, enabled=primary)
@@ -219,7 +237,7 @@ def train(config: Config) -> int:
     writer.write({'kind': 'config_change', 'step': step, 'changes': {k: list(v) for k, v in changes.items()}})
   writer.write({'kind': 'start', 'step': step, 'compile_time_s': compile_s, 'num_params': num_params,
                 'num_devices': jax.device_count(), 'flops_per_token': flops_per_token,
-                'unigram_entropy': data.unigram_entropy, **memory})
+                'unigram_entropy': data.unigram_entropy, **memory, **auto_record})
   log(f'compiled train step in {compile_s:.1f}s; ' + ', '.join(f'{k} {format_bytes(v)}' for k, v in memory.items()))
   all_finite(state.params)  # compile the pre-save check now, not inside the first save
 

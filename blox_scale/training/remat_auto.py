@@ -175,12 +175,25 @@ def choose_remat(lower: Callable[[str], Any], budget: int, candidates: Sequence[
           f'{"fits" if fits else "exceeds"} {_fmt(budget)}')
     if fits:
       return Choice(name, int(budget), tuple(measured), compiled)
+  raise no_fit_error(measured, budget)
+
+
+def pick(measured: Sequence[Measured], budget: int) -> Measured:
+  """The first of `measured` (least recomputation first) that compiled and fits `budget` bytes."""
+  for m in measured:
+    if not m.error and m.peak_bytes <= budget:
+      return m
+  raise no_fit_error(measured, budget)
+
+
+def no_fit_error(measured: Sequence[Measured], budget: int) -> RematBudgetError:
+  """The error for "nothing fits": the budget, the smallest peak found, every figure and the fixes."""
   ok = [m for m in measured if not m.error]
   table = '; '.join(f'{m.remat}: {m.error or _fmt(m.peak_bytes)}' for m in measured)
   if not ok:
-    raise RematBudgetError(f'model.remat=auto: no candidate policy compiled ({table}).')
+    return RematBudgetError(f'model.remat=auto: no candidate policy compiled ({table}).')
   smallest = min(ok, key=lambda m: m.peak_bytes)
-  raise RematBudgetError(
+  return RematBudgetError(
       f'model.remat=auto: no remat policy fits the budget of {_fmt(budget)} per device '
       f'(model.remat_budget_gib). The smallest peak is {smallest.remat!r} at {_fmt(smallest.peak_bytes)} '
       f'({smallest.peak_bytes} bytes). All: {table}. To fit: shard params and optimizer state over '
