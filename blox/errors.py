@@ -26,3 +26,11 @@ class ParamMismatchError(ValueError):
 
 class RngNotSeededError(_Message, KeyError):
   """An Rng was used before `rng.seed(params, seed=...)`."""
+
+
+class SequenceLengthError(ValueError, AssertionError):
+  """Input leaves of a sequence disagree on the time length (axis 1).
+
+  jax-blox checked this with `chex.assert_axis_dimension` (an AssertionError);
+  it is also a ValueError, as every other bad input of blox.
+  """

@@ -17,17 +17,19 @@ class Graph:
   Each node has a `name` and a `path` (the names from the root down to it).
   A module binds to one node and stores its params under `node.path`.
   Child names are unique under a parent, so two modules can never share a
-  param path by accident.
+  param path by accident. A name may contain '/' (as in jax-blox): it stays
+  one path element, `graph.child('a/b').path[-1] == 'a/b'`, while
+  `graph / 'a' / 'b'` nests two nodes; wherever a path becomes a string
+  (`bx.path_to_str`), a '/' inside a name is written `%2F`.
   """
 
   def __init__(self, name: str) -> None:
-    if not isinstance(name, str) or not name:
-      raise ValueError(f'Graph name must be a non-empty string, got {name!r}.')
-    if '/' in name:
+    if not name:
+      raise ValueError(f'Graph node must have a name. Got {name!r}; pass a non-empty string such as \'net\'.')
+    if not isinstance(name, str):
       raise ValueError(
-          f"Graph name {name!r} contains '/': use graph / 'a' / 'b' to nest "
-          'nodes instead of one name with a slash.'
-      )
+          f'Graph name must be a string, got {type(name).__name__} {name!r}: param paths are '
+          f'tuples of str (checkpoints and shardings are keyed by them). Pass str({name!r}).')
     self.name = name
     self.path: Path = (name,)
     self.metadata: dict[str, Any] = {}
@@ -39,9 +41,9 @@ class Graph:
     """Returns a new child node called `name`; a duplicate name is an error."""
     if name in self._children:
       raise ValueError(
-          f"Graph node {path_to_str(self.path)!r} already has a child named "
-          f'{name!r}. Each child needs its own name (e.g. {name}_1, {name}_2), '
-          'so that no two modules share a param path.'
+          f"Graph node '{self.path}' already has a child named '{name}'. Each child "
+          f'needs its own name (e.g. {name}_1, {name}_2), so that no two modules '
+          'share a param path.'
       )
     node = Graph(name)
     node._parent = self
@@ -55,10 +57,8 @@ class Graph:
   def _bind(self, module: Module) -> None:
     if self._module is not None:
       raise ValueError(
-          f"Graph node {path_to_str(self.path)!r} is already bound to "
-          f'{type(self._module).__name__}; cannot also bind '
-          f'{type(module).__name__}. Give each module its own node with '
-          'graph.child(name).'
+          f"Graph node '{self.path}' already bound to {self._module}. Cannot bind "
+          f'{module}. Give each module its own node with graph.child(name).'
       )
     self._module = module
 

@@ -40,9 +40,9 @@ class Module:
       )
     if graph.is_root:
       raise ValueError(
-          f'Cannot bind {type(self).__name__} to the root graph node '
-          f'{graph.name!r}: the root binds no module. Use '
-          f"graph.child('name') (or graph / 'name')."
+          f"Cannot bind '{type(self).__name__}' to root graph node '{graph.name}'. Use "
+          "graph.child('name') to create a child node. The root binds no module "
+          "(graph / 'name' makes a child too)."
       )
     graph._bind(self)
     self.graph = graph
@@ -69,7 +69,10 @@ class Module:
         self._init_type = cls.__name__
       init(self, *args, **kw)
       if getattr(self, 'graph', None) is None:
-        raise RuntimeError(f'{cls.__name__}.__init__ did not call super().__init__(graph).')
+        raise RuntimeError(
+            f"Module '{cls.__name__}' failed to initialize. Did you forget to call "
+            f'super().__init__(graph)? {cls.__name__}.__init__ returned without binding a graph '
+            'node; call super().__init__(graph) first thing in __init__.')
 
     cls.__init__ = recording_init  # type: ignore[method-assign]
 
@@ -120,12 +123,14 @@ class Module:
       return existing.value, params
     if shape is None or init is None:
       raise ParamNotFoundError(
-          f'Param {path_to_str(path)} does not exist and cannot be created: '
+          f"Parameter '{path}' not found. To create a new parameter, provide shape and "
+          f'init. Param {path_to_str(path)} does not exist and cannot be created: '
           f'shape={shape!r}, init={"given" if init else None}. Pass shape= and '
           'init= to create it, or load it into params first.'
       )
     if params.is_locked:
       raise ParamsLockedError(
+          f"Parameter '{path}' missing (params locked). "
           f'Param {path_to_str(path)} does not exist and params are locked. Locked '
           'params refuse new entries so that a renamed or missing weight is '
           'caught instead of silently re-initialised. If this param is new on '
@@ -172,14 +177,18 @@ class Module:
     existing = params.get(path)
     if existing is None:
       raise ParamNotFoundError(
-          f'set_param: no param at {path_to_str(path)}. Create it with get_param '
-          '(shape=, init=) before updating it.'
+          f"Path '{path}' not found. set_param: no param at {path_to_str(path)}. Create it "
+          'with get_param (shape=, init=) before updating it.'
       )
     if value is None and trainable is None and metadata is None:
-      raise ValueError(f'set_param({path_to_str(path)}): give at least one of value, trainable or metadata.')
+      raise ValueError(
+          'At least one of value, trainable, or metadata must be provided. '
+          f'set_param({path_to_str(path)}) got none of them; value=None keeps the value.')
     if value is not None:
       if not isinstance(value, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
-        raise TypeError(f'set_param({path_to_str(path)}): value must be an array, got {type(value).__name__}.')
+        raise TypeError(
+            f'value must be a jax.Array, got {type(value).__name__}. set_param({path_to_str(path)}): '
+            'pass an array (jax.Array, np.ndarray or jax.ShapeDtypeStruct), e.g. jnp.asarray(value).')
       _check_existing(path, existing, np.shape(value), value.dtype, what='set_param with')
     return params.with_param(path, Param(
         existing.value if value is None else value,

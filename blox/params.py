@@ -175,14 +175,18 @@ class Param:
   def __init__(self, value: Any, trainable: bool = True, metadata: Mapping[str, Any] | None = None) -> None:
     # Runs on every unflatten: keep the common path to two type checks.
     if trainable is not True and trainable is not False:
-      raise TypeError(f'Param trainable must be a bool, got {type(trainable).__name__}: {trainable!r}.')
+      raise TypeError(
+          f'trainable must be a bool, got {type(trainable).__name__}. Param trainable={trainable!r}: '
+          'pass True or False (it is static: split() and jit cache keys read it).')
     if type(metadata) is not Metadata:
       if metadata is None:
         metadata = _EMPTY
       elif isinstance(metadata, Mapping):
         metadata = Metadata(metadata)
       else:
-        raise TypeError(f'Param metadata must be a dict or None, got {type(metadata).__name__}.')
+        raise TypeError(
+            f'metadata must be a dict or None, got {type(metadata).__name__}. Param metadata is a '
+            "mapping of static data, e.g. {'sharding': ('embed', 'mlp')}.")
     self.value = value
     self.trainable = trainable
     self.metadata = metadata
@@ -309,6 +313,7 @@ class Params(Mapping):
       raise TypeError(f'Params.merge expects Params, got {type(other).__name__}.')
     if self._locked != other._locked:
       raise ValueError(
+          f'Locked mismatch: {self._locked} vs {other._locked}. '
           f'Cannot merge Params with different lock states (self locked='
           f'{self._locked}, other locked={other._locked}). Call .locked() or '
           '.unlocked() on one of them first.'
@@ -322,12 +327,12 @@ class Params(Mapping):
       return self._data[path]
     except KeyError:
       from blox.errors import ParamNotFoundError
-      raise ParamNotFoundError(_not_found_message(path, self._data)) from None
+      raise ParamNotFoundError(f"Path '{path}' not found. {_not_found_message(path, self._data)}") from None
 
   def __setitem__(self, path: Path, param: Param) -> None:
     if self._locked:
       raise RuntimeError(
-          f'Cannot set {path_to_str(path)}: params are locked. Use '
+          f'Cannot set params after locking. Use unlocked() first. Cannot set {path_to_str(path)}: params are locked. Use '
           'params = params.unlocked(), set the entry, then .locked() again.'
       )
     _check_entry(path, param)
@@ -412,7 +417,9 @@ jax.tree_util.register_dataclass(Params, data_fields=['_data'], meta_fields=['_l
 
 def _check_entry(path: Any, param: Any) -> None:
   if not isinstance(param, Param):
-    raise TypeError(f'Params entries must be Param, got {type(param).__name__} for {path}. Wrap it: bx.Param(value).')
+    raise TypeError(
+        f'Expected Param, got {type(param).__name__}. Params entries must be Param, got '
+        f'{type(param).__name__} for {path}. Wrap it: bx.Param(value).')
   if not isinstance(path, tuple) or not all(isinstance(p, str) for p in path):
     raise TypeError(f'Params keys are tuples of str, got {path!r}.')
 

@@ -67,6 +67,7 @@ class Rng(Module):
     if param is None:
       where = path_to_str(self.graph.path)
       raise RngNotSeededError(
+          f"Rng '{self.graph.path}' not initialized. Use rng.seed(params, seed=...) first. "
           f'Rng {where} is not seeded (no {where}/{name} in params). Seed it '
           f'before the first call: params = rng.seed(params, seed=0).'
       )
@@ -85,9 +86,13 @@ class Rng(Module):
     exists = self.param_path('seed') in params
     where = path_to_str(self.graph.path)
     if not exists and seed is None:
-      raise ValueError(f'Rng {where} is not seeded yet: pass seed= (an int or jax.random.key).')
+      raise ValueError(
+          f"Rng '{self.graph.path}' not initialized. Seed is required. Rng {where} is not "
+          'seeded yet: pass seed= (an int or jax.random.key).')
     if exists and seed is None and counter is None:
-      raise ValueError(f'Rng {where}.seed: pass seed=, counter= or both.')
+      raise ValueError(
+          f'At least one of seed or counter must be provided. Rng {where}.seed: pass seed=, '
+          'counter= or both.')
     if not exists and counter is None:
       counter = 0
     if seed is not None:

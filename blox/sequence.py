@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blox.errors import SequenceLengthError
 from blox.graph import Graph
 from blox.module import Module
 from blox.params import Params, path_to_str
@@ -28,18 +29,27 @@ ResetT = TypeVar('ResetT')
 StepFn = Callable[[Params, Any, Any, Any, bool], tuple[tuple[Any, Any], Params]]
 
 
-def _time_length(inputs: Any, where: str) -> int:
+def _time_length(inputs: Any, where: str, rank_error: str = 'Input leaves must have rank >= 2, got {ndim}.') -> int:
+  """The common length of axis 1 of every leaf; errors begin with jax-blox's sentence."""
   leaves = jax.tree.leaves(inputs)
   if not leaves:
-    raise ValueError(f'{where}: inputs are an empty pytree; give at least one [batch, time, ...] array.')
-  lengths = set()
+    raise ValueError(
+        f'The input Pytree cannot be empty. {where}: inputs are an empty pytree; give at '
+        'least one [batch, time, ...] array.')
   for x in leaves:
     if x.ndim < 2:
-      raise ValueError(f'{where}: every input leaf must be [batch, time, ...] (rank >= 2), got shape {x.shape}.')
-    lengths.add(x.shape[1])
-  if len(lengths) != 1:
-    raise ValueError(f'{where}: input leaves disagree on the time length (axis 1): {sorted(lengths)}.')
-  return lengths.pop()
+      raise ValueError(
+          f'{rank_error.format(ndim=x.ndim)} {where}: every input leaf must be [batch, time, ...] '
+          f'(rank >= 2), got shape {x.shape}.')
+  length = leaves[0].shape[1]
+  for x in leaves:
+    if x.shape[1] != length:
+      lengths = sorted({y.shape[1] for y in leaves})
+      raise SequenceLengthError(
+          f'[Chex] Assertion assert_axis_dimension failed: Expected tensor to have dimension equal '
+          f"to '{length}' on axis '1' but got '{x.shape[1]}' instead. {where}: input leaves disagree "
+          f'on the time length (axis 1): {lengths}.')
+  return length
 
 
 def _at(tree: Any, t: int) -> Any:
@@ -161,7 +171,8 @@ class RecurrenceBase(SequenceBase[InputsT, StateT, OutputsT, ResetT]):
   def apply(self, params: Params, inputs: InputsT, prev_state: StateT | None = None,
             is_reset: ResetT | None = None, is_training: bool = True) -> tuple[tuple[OutputsT, StateT], Params]:
     """`inputs: [batch, time, ...]` -> `((outputs: [batch, time, ...], final_state), params)`."""
-    _time_length(inputs, f"{type(self).__name__} {path_to_str(self.graph.path)}.apply")
+    _time_length(inputs, f"{type(self).__name__} {path_to_str(self.graph.path)}.apply",
+                 'Input leaves must have rank >= 2.')
     if prev_state is None:
       prev_state, params = self.initial_state(params, _at(inputs, 0))
     scan = static_scan if self._is_static else dynamic_scan

@@ -28,7 +28,7 @@ def test_graph_child_slash_path_parent_root():
 def test_graph_duplicate_name_is_an_error():
   root = bx.Graph('net')
   root.child('a')
-  with pytest.raises(ValueError, match=r"'net' already has a child named 'a'.*a_1"):
+  with pytest.raises(ValueError, match=r"^Graph node '\('net',\)' already has a child named 'a'\..*a_1"):
     root.child('a')
   with pytest.raises(ValueError, match='already has a child'):
     root / 'a'

@@ -2,6 +2,8 @@
 tensor-parallel layers inside shard_map, and its error wording (blox adds path, values and fix
 after jax-blox's sentence)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import blox as bx
+from helpers import tree_allclose
 
 # What jax-blox 0.1.6 defined in each module (its public, non-underscore names).
 JAXBLOX_MODULES = {
@@ -157,3 +160,241 @@ def test_shape_mismatch_in_shard_map_not_explained_by_sharding_stays_an_error():
     f(trainable, jnp.ones((4, 12)))
   with pytest.raises(bx.ParamMismatchError, match=r'mlp/up/kernel exists with shape \(8, 16\)'):
     mlp(params.locked(), jnp.ones((4, 12)))  # outside shard_map: strict as always
+
+
+# -- error wording: jax-blox's sentence first, then blox's path, values and fix -----------------
+
+
+def _net():
+  graph = bx.Graph('net')
+  rng = bx.Rng(graph.child('rng'))
+  return graph, rng, rng.seed(bx.Params(), seed=0)
+
+
+class _Plain(bx.Module):
+  def __call__(self, params, x):
+    return x, params
+
+
+class _NoSuper(bx.Module):
+  def __init__(self, graph):  # forgets super().__init__(graph)
+    self.g = graph
+
+  def __call__(self, params, x):
+    return x, params
+
+
+def _bind_twice():
+  g = bx.Graph('net')
+  _Plain(g.child('a')).graph._bind(_Plain(bx.Graph('other').child('b')))
+
+
+def _step(cls):
+  graph, rng, params = _net()
+  cls(graph.child('cell'), hidden_size=4, rng=rng)(params, jnp.ones((2, 3)), None)
+
+
+def _scan(inputs, fn=bx.static_scan):
+  step = lambda params, x, state, reset, is_training: ((x, state), params)  # noqa: E731
+  fn(step, bx.Params(), inputs, None, None, True)
+
+
+def _lstm_apply(x):
+  graph, rng, params = _net()
+  bx.LSTM(graph.child('cell'), hidden_size=4, rng=rng).apply(params, x)
+
+
+def _get(name, **kw):
+  m = _Plain(bx.Graph('net').child('m'))
+  return m.get_param(bx.Params(**kw), name, *((), jax.nn.initializers.zeros) if kw else ())
+
+
+def _set(value=None, missing=False):
+  m = _Plain(bx.Graph('net').child('m'))
+  _, params = m.get_param(bx.Params(), 'w', (2,), jax.nn.initializers.zeros)
+  m.set_param(params, 'v' if missing else 'w', value)
+
+
+def _dropout(rate=0.5):
+  graph, rng, params = _net()
+  return bx.Dropout(graph.child('d'), rate, rng), params
+
+
+def _conv(cls, x, **kw):
+  graph, rng, params = _net()
+  cls(graph.child('c'), output_channels=4, kernel_size=(3, 3), rng=rng, **kw)(params, x)
+
+
+# (what raises, jax-blox's exception type, jax-blox's sentence, what blox adds after it)
+ERRORS = {
+    'graph_name': (lambda: bx.Graph(''), ValueError, 'Graph node must have a name.', "Got ''"),
+    'duplicate_child': (lambda: [g := bx.Graph('net'), g.child('a'), g.child('a')], ValueError,
+                        "Graph node '('net',)' already has a child named 'a'.", 'a_1'),
+    'bound_twice': (_bind_twice, ValueError, "Graph node '('net', 'a')' already bound to _Plain(). Cannot bind _Plain().",
+                    'graph.child'),
+    'bind_root': (lambda: _Plain(bx.Graph('net')), ValueError,
+                  "Cannot bind '_Plain' to root graph node 'net'. Use graph.child('name') to create a child node.",
+                  'root binds no module'),
+    'no_super': (lambda: _NoSuper(bx.Graph('net').child('m')), RuntimeError,
+                 "Module '_NoSuper' failed to initialize. Did you forget to call super().__init__(graph)?", 'first thing'),
+    'param_not_found': (lambda: _get('w'), KeyError,
+                        "Parameter '('net', 'm', 'w')' not found. To create a new parameter, provide shape and init.",
+                        'net/m/w does not exist.*shape=None'),
+    'param_locked': (lambda: _get('w', _locked=True), KeyError, "Parameter '('net', 'm', 'w')' missing (params locked).",
+                     r'params.unlocked\(\)'),
+    'set_missing': (lambda: _set(jnp.ones(2), missing=True), KeyError, "Path '('net', 'm', 'v')' not found.",
+                    'no param at net/m/v'),
+    'set_nothing': (_set, ValueError, 'At least one of value, trainable, or metadata must be provided.',
+                    r'set_param\(net/m/w\)'),
+    'set_not_array': (lambda: _set([1.0, 2.0]), TypeError, 'value must be a jax.Array, got list.', 'jnp.asarray'),
+    'rng_unseeded': (lambda: bx.Rng(bx.Graph('net').child('rng'))(bx.Params()), KeyError,
+                     "Rng '('net', 'rng')' not initialized. Use rng.seed(params, seed=...) first.",
+                     'no net/rng/seed in params'),
+    'rng_seed_required': (lambda: bx.Rng(bx.Graph('net').child('rng')).seed(bx.Params()), ValueError,
+                          "Rng '('net', 'rng')' not initialized. Seed is required.", 'pass seed='),
+    'rng_nothing': (lambda: (lambda g, rng, params: rng.seed(params))(*_net()), ValueError,
+                    'At least one of seed or counter must be provided.', r'net/rng\.seed'),
+    'scan_empty': (lambda: _scan({}), ValueError, 'The input Pytree cannot be empty.', 'static_scan'),
+    'scan_rank': (lambda: _scan(jnp.ones(3), bx.dynamic_scan), ValueError,
+                  'Input leaves must have rank >= 2, got 1.', r'dynamic_scan.*shape \(3,\)'),
+    'scan_time': (lambda: _scan([jnp.ones((2, 3)), jnp.ones((2, 4))]), AssertionError,
+                  "[Chex] Assertion assert_axis_dimension failed: Expected tensor to have dimension equal to '3' on "
+                  "axis '1' but got '4' instead.", r'\[3, 4\]'),
+    'apply_rank': (lambda: _lstm_apply(jnp.ones(3)), ValueError, 'Input leaves must have rank >= 2.',
+                   r'LSTM net/cell\.apply'),
+    'linear_scalar': (lambda: bx.Linear(bx.Graph('net').child('l'), 2, None)(bx.Params(), jnp.ones(())), ValueError,
+                      'Input must not be scalar.', 'Linear net/l'),
+    'lstm_prev_state': (lambda: _step(bx.LSTM), ValueError, 'The LSTM __call__ method requires a valid prev_state.',
+                        'lstm.initial_state'),
+    'gru_prev_state': (lambda: _step(bx.GRU), ValueError, 'The GRU __call__ method requires a valid prev_state.',
+                       'gru.initial_state'),
+    'dropout_rate': (lambda: _dropout(1.0), ValueError,
+                     'Dropout rate must be in [0.0, 1.0), got 1.0.', 'Dropout net/d'),
+    'conv_rank': (lambda: _conv(bx.Conv, jnp.ones((4, 3))), ValueError,
+                  'Expected input rank >= 3 for 2D conv (at least 2 spatial dims + 1 channel dim), got 2.',
+                  r'Conv net/c.*shape \(4, 3\)'),
+    'conv_transpose_rank': (lambda: _conv(bx.ConvTranspose, jnp.ones((4, 3))), ValueError,
+                            'Expected input rank >= 3 for 2D conv_transpose (at least 2 spatial dims + 1 channel dim), '
+                            'got 2.', 'ConvTranspose net/c'),
+    'conv_groups': (lambda: _conv(bx.Conv, jnp.ones((5, 5, 3)), feature_group_count=2), ValueError,
+                    'input_channels (3) must be divisible by feature_group_count (2).', 'Conv net/c'),
+    'traced_flag': (lambda: jax.jit(lambda t: (lambda d, p: d(p, jnp.ones(3), is_training=t))(*_dropout()))(True),
+                    jax.errors.TracerBoolConversionError,
+                    'Attempted boolean conversion of traced array with shape bool[].',
+                    r"Dropout net/d: is_training.*static_argnames='is_training'"),
+    'param_trainable': (lambda: bx.Param(jnp.ones(2), trainable=1), TypeError, 'trainable must be a bool, got int.',
+                        'True or False'),
+    'param_metadata': (lambda: bx.Param(jnp.ones(2), metadata=[('sharding', ())]), TypeError,
+                       'metadata must be a dict or None, got list.', 'sharding'),
+    'merge_locked': (lambda: bx.Params().locked().merge(bx.Params()), ValueError, 'Locked mismatch: True vs False.',
+                     r'\.unlocked\(\)'),
+    'path_not_found': (lambda: _net()[2][('net', 'rng', 'sed')], KeyError, "Path '('net', 'rng', 'sed')' not found.",
+                       'Did you mean net/rng/seed'),
+    'set_locked': (lambda: bx.Params().locked().__setitem__(('a',), bx.Param(jnp.ones(2))), RuntimeError,
+                   'Cannot set params after locking. Use unlocked() first.', r'Cannot set a: params are locked'),
+    'set_not_param': (lambda: bx.Params().__setitem__(('a',), jnp.ones(2)), TypeError, 'Expected Param, got ArrayImpl',
+                      r'bx\.Param\(value\)'),
+    'pool_rank': (lambda: bx.max_pool(jnp.ones(4), 2), ValueError,
+                  'Expected input rank >= 2 for 1D pooling (at least 1 spatial dims + 1 channel dim), got 1.',
+                  r'max_pool.*shape \(4,\)'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(ERRORS))
+def test_error_starts_with_the_jaxblox_sentence(case):
+  fn, exc_type, sentence, detail = ERRORS[case]
+  with pytest.raises(exc_type, match='^' + re.escape(sentence)) as info:
+    fn()
+  assert re.search(detail, str(info.value)[len(sentence):]), str(info.value)  # blox's detail follows
+
+
+# -- '/' inside a graph name is one path element ------------------------------------------------
+
+
+class _TwoLinears(bx.Module):
+  """Two Linears whose paths are equal once '/'-joined: `ff/in` (one name) and `ff` / `in`."""
+
+  def __init__(self, graph, rng):
+    super().__init__(graph)
+    self.one = bx.Linear(graph.child('ff/in'), 4, rng)
+    self.nested = bx.Linear(graph / 'ff' / 'in', 4, rng)
+
+  def __call__(self, params, x):
+    y, params = self.one(params, x)
+    z, params = self.nested(params, y)
+    return z, params
+
+
+def _slash_model():
+  graph = bx.Graph('model/v1')
+  rng = bx.Rng(graph.child('rng'))
+  block = _TwoLinears(graph.child('encoder/decoder'), rng)
+  params = rng.seed(bx.Params(), seed=0)
+  _, params = block(params, jnp.ones((2, 4)))
+  return graph, block, params.locked()
+
+
+def test_slash_in_a_graph_name_is_one_path_element():
+  graph = bx.Graph('model/v1')
+  child = graph.child('encoder/decoder')
+  assert child.path == ('model/v1', 'encoder/decoder') and child.name == 'encoder/decoder'
+  assert (graph / 'a' / 'b').path == ('model/v1', 'a', 'b')  # '/' the operator still nests
+  _, _, params = _slash_model()
+  assert ('model/v1', 'encoder/decoder', 'ff/in', 'kernel') in params
+  assert ('model/v1', 'encoder/decoder', 'ff', 'in', 'kernel') in params
+
+
+def test_slash_names_round_trip_through_summary():
+  graph, _, params = _slash_model()
+  text = bx.summary(graph, params)
+  names = [line.split()[0] for line in text.splitlines() if line.startswith('model')]
+  assert sorted(bx.str_to_path(n) for n in names) == sorted(params.keys())
+  assert 'model%2Fv1/encoder%2Fdecoder/ff%2Fin/kernel' in names
+  assert 'model%2Fv1/encoder%2Fdecoder/ff/in/kernel' in names
+
+
+def _key_free(params):  # typed keys compare through their data
+  return {path: np.asarray(jax.random.key_data(p.value) if jax.dtypes.issubdtype(p.value.dtype, jax.dtypes.prng_key)
+                           else p.value) for path, p in params.items()}
+
+
+def test_slash_names_round_trip_through_checkpoint_save_and_restore(tmp_path):
+  from blox_scale.training.checkpoint import Checkpointer
+  from blox_scale.training.config import CheckpointConfig
+  _, _, params = _slash_model()
+  state = {'params': params, 'step': jnp.asarray(1, jnp.int32)}
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+  ckpt.save(1, state)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored, _ = ckpt.restore(1, abstract)
+  ckpt.close()
+  assert sorted(restored['params'].keys()) == sorted(params.keys())
+  tree_allclose(_key_free(restored['params']), _key_free(params), rtol=0, atol=0)
+
+
+def test_slash_names_round_trip_through_unstack_and_restack():
+  import blox_scale as bs
+  graph = bx.Graph('model/v1')
+  rng = bx.Rng(graph.child('rng'))
+  stack = bs.Stack(graph.child('layers/main'), lambda g: _TwoLinears(g, rng), 3, rng=rng)
+  params = rng.seed(bx.Params(), seed=0)
+  _, params = stack(params, jnp.ones((2, 4)))
+  per_layer = bs.unstack(params, stack)
+  kernel = params[stack.block.graph.path + ('ff/in', 'kernel')].value
+  for i in range(3):
+    np.testing.assert_array_equal(per_layer[('model/v1', 'layers/main', f'layer_{i}', 'ff/in', 'kernel')].value, kernel[i])
+    assert ('model/v1', 'layers/main', f'layer_{i}', 'ff', 'in', 'kernel') in per_layer
+  back = bs.restack(per_layer, stack)
+  assert list(back.keys()) == list(params.keys())
+  assert [p.metadata for p in back.values()] == [p.metadata for p in params.values()]
+  tree_allclose(_key_free(back), _key_free(params), rtol=0, atol=0)
+
+
+def test_sharding_errors_name_slash_paths_unambiguously():
+  from blox_scale.parallel import sharding
+  from blox_scale.training.config import MeshConfig
+  params = bx.Params({('model/v1', 'w'): bx.Param(jax.ShapeDtypeStruct((6, 4), jnp.float32),
+                                                  metadata={'sharding': ('mlp',)})})
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+  with pytest.raises(ValueError, match=r"Param model%2Fv1/w: dimension 0 \('mlp', size 6\) is not divisible"):
+    sharding.param_shardings(params, mesh, sharding.rules_from_config(MeshConfig()))

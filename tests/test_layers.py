@@ -186,7 +186,7 @@ def test_dropout_forward_and_gradient(dtype):
   y_eval, p_eval = drop(params, x, is_training=False)
   assert y_eval.dtype == y.dtype
   assert int(rng.get_counter(p_eval)) == 9
-  with pytest.raises(ValueError, match=r'drop probability and must be in \[0, 1\), got 1.0'):
+  with pytest.raises(ValueError, match=r'^Dropout rate must be in \[0\.0, 1\.0\), got 1\.0\. Dropout net/bad: rate is the drop probability and must be in \[0, 1\)'):
     bx.Dropout(g.child('bad'), rate=1.0, rng=rng)
 
 

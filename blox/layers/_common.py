@@ -49,11 +49,15 @@ def expand_last(v: jax.Array, ndim: int) -> jax.Array:
 def require_bool(value: Any, what: str, where: str) -> bool:
   """`is_training` and similar flags pick Python code paths, so they must be static."""
   if isinstance(value, jax.core.Tracer):
-    raise TypeError(
-        f'{where}: {what} must be a Python bool (it selects the code path at trace '
+    # The error jax-blox users saw (bool() of the tracer), with the fix after JAX's first line.
+    error = jax.errors.TracerBoolConversionError(value)
+    first, _, rest = str(error).partition('\n')
+    error.args = (
+        f'{first} {where}: {what} must be a Python bool (it selects the code path at trace '
         'time), got a traced value. Mark it static, e.g. '
-        f"jax.jit(f, static_argnames='{what}'), or pass a constant."
+        f"jax.jit(f, static_argnames='{what}'), or pass a constant.\n{rest}",
     )
+    raise error
   return bool(value)
 
 

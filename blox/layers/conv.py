@@ -34,12 +34,17 @@ def as_tuple(x: int | Sequence[int], n: int, what: str = 'value') -> tuple[int, 
   return x
 
 
-def fold_batch(inputs: jax.Array, num_spatial: int, where: str) -> tuple[jax.Array, tuple[int, ...]]:
-  """`[*batch, *spatial, c]` -> (`[prod(batch), *spatial, c]`, batch shape)."""
+def fold_batch(inputs: jax.Array, num_spatial: int, where: str, kind: str) -> tuple[jax.Array, tuple[int, ...]]:
+  """`[*batch, *spatial, c]` -> (`[prod(batch), *spatial, c]`, batch shape).
+
+  `kind` ('conv', 'conv_transpose', 'pooling') words the error as jax-blox did.
+  """
   if inputs.ndim < num_spatial + 1:
     raise ValueError(
-        f'{where}: expected input rank >= {num_spatial + 1} ({num_spatial} spatial '
-        f'dims + channels, batch dims optional), got shape {inputs.shape}.'
+        f'Expected input rank >= {num_spatial + 1} for {num_spatial}D {kind} (at least '
+        f'{num_spatial} spatial dims + 1 channel dim), got {inputs.ndim}. {where}: '
+        f'expected input rank >= {num_spatial + 1} ({num_spatial} spatial dims + channels, '
+        f'batch dims optional), got shape {inputs.shape}.'
     )
   batch_shape = inputs.shape[:inputs.ndim - num_spatial - 1]
   return inputs.reshape((math.prod(batch_shape),) + inputs.shape[len(batch_shape):]), batch_shape
@@ -129,12 +134,13 @@ class Conv(_ConvBase):
   def __call__(self, params: Params, inputs: jax.Array,
                precision: jax.lax.Precision | None = None) -> tuple[jax.Array, Params]:
     n = len(self.kernel_size)
-    x, batch_shape = fold_batch(inputs, n, self._where)  # [b, *spatial, c_in]
+    x, batch_shape = fold_batch(inputs, n, self._where, 'conv')  # [b, *spatial, c_in]
     c_in = x.shape[-1]
     if c_in % self.feature_group_count:
       raise ValueError(
-          f'{self._where}: input channels ({c_in}) must be divisible by '
-          f'feature_group_count ({self.feature_group_count}).'
+          f'input_channels ({c_in}) must be divisible by feature_group_count '
+          f'({self.feature_group_count}). {self._where}: the last input dim holds the '
+          f'channels; give {self.feature_group_count} equal groups of them.'
       )
     kernel, params = self.get_param(
         params, 'kernel', self.kernel_size + (c_in // self.feature_group_count, self.output_channels),
@@ -199,7 +205,7 @@ class ConvTranspose(_ConvBase):
   def __call__(self, params: Params, inputs: jax.Array,
                precision: jax.lax.Precision | None = None) -> tuple[jax.Array, Params]:
     n = len(self.kernel_size)
-    x, batch_shape = fold_batch(inputs, n, self._where)  # [b, *spatial, c_in]
+    x, batch_shape = fold_batch(inputs, n, self._where, 'conv_transpose')  # [b, *spatial, c_in]
     kernel, params = self.get_param(
         params, 'kernel', self.kernel_size + (self.output_channels, x.shape[-1]),
         self.kernel_init, dtype=self.param_dtype, metadata=self.kernel_metadata, rng=self.rng)

@@ -25,8 +25,9 @@ class Dropout(Module):
     super().__init__(graph)
     if not 0.0 <= rate < 1.0:
       raise ValueError(
-          f"Dropout {path_to_str(graph.path)}: rate is the drop probability and must "
-          f'be in [0, 1), got {rate}.'
+          f"Dropout rate must be in [0.0, 1.0), got {rate}. Dropout {path_to_str(graph.path)}: "
+          'rate is the drop probability and must be in [0, 1) (0.1 drops 10% of '
+          'the elements); for no dropout pass 0.0 or is_training=False.'
       )
     if not isinstance(rng, Rng):
       raise TypeError(f"Dropout {path_to_str(graph.path)}: rng must be a bx.Rng, got {type(rng).__name__}.")

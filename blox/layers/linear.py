@@ -64,8 +64,8 @@ class Linear(Module):
     """`inputs: [..., in_features]` -> `[..., output_size]`."""
     if not inputs.shape:
       raise ValueError(
-          f"Linear {path_to_str(self.graph.path)}: input must have at least one "
-          'dimension (the features), got a scalar. Reshape it, e.g. x[None].'
+          f"Input must not be scalar. Linear {path_to_str(self.graph.path)}: input must "
+          'have at least one dimension (the features), got a scalar. Reshape it, e.g. x[None].'
       )
     kernel, params = self.get_param(
         params, 'kernel', (inputs.shape[-1], self.output_size), self.kernel_init,

@@ -16,7 +16,7 @@ def _pool(inputs: jax.Array, init: jax.Array, op: Callable, window_shape: int | 
           strides: int | Sequence[int] | None, padding: PaddingLike, name: str) -> jax.Array:
   window = (window_shape,) if isinstance(window_shape, int) else tuple(window_shape)
   n = len(window)
-  x, batch_shape = fold_batch(inputs, n, name)  # [b, *spatial, c]
+  x, batch_shape = fold_batch(inputs, n, name, 'pooling')  # [b, *spatial, c]
   strides = window if strides is None else as_tuple(strides, n, 'strides')
   pad = padding if isinstance(padding, str) else ((0, 0),) + tuple(map(tuple, padding)) + ((0, 0),)
   y = jax.lax.reduce_window(x, init, op, (1,) + window + (1,), (1,) + strides + (1,), pad)

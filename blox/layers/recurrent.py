@@ -60,7 +60,8 @@ class LSTM(RecurrenceBase[jax.Array, LSTMState, jax.Array, jax.Array]):
     del is_training  # no dropout inside the cell
     if prev_state is None:
       raise ValueError(
-          f"LSTM {path_to_str(self.graph.path)}: a step needs prev_state; build one with "
+          f"The LSTM __call__ method requires a valid prev_state. LSTM {path_to_str(self.graph.path)}: "
+          'a step needs prev_state; build one with '
           'state, params = lstm.initial_state(params, x), or use lstm.apply for a sequence.'
       )
     state = self.maybe_reset_state(params, prev_state, inputs, is_reset)
@@ -97,7 +98,8 @@ class GRU(RecurrenceBase[jax.Array, GRUState, jax.Array, jax.Array]):
     del is_training
     if prev_state is None:
       raise ValueError(
-          f"GRU {path_to_str(self.graph.path)}: a step needs prev_state; build one with "
+          f"The GRU __call__ method requires a valid prev_state. GRU {path_to_str(self.graph.path)}: "
+          'a step needs prev_state; build one with '
           'state, params = gru.initial_state(params, x), or use gru.apply for a sequence.'
       )
     h = self.maybe_reset_state(params, prev_state, inputs, is_reset).hidden
