@@ -25,10 +25,10 @@ from blox_scale.training.step import (
     TrainState, abstract_batch, abstract_train_state, init_train_state, make_eval_step, make_train_step,
     train_state_shardings,
 )
-from blox_scale.training.tokenizer import ByteTokenizer
+from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
 
 __all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat',
-           'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer',
+           'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer', 'get_tokenizer',
            'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn', 'hf',
            'ModelConfig', 'AttentionConfig', 'MLPConfig', 'BlockConfig']
 __all__ += ['distributed', 'sharding', 'make_mesh', 'rules_from_config', 'param_shardings', 'batch_sharding',

@@ -13,7 +13,7 @@ import pytest
 import blox as bx
 from blox_scale.training.config import Config, ModelConfig
 from blox_scale.models import DecoderLM
-from blox_scale.cli.sample import main
+from blox_scale.cli.sample import main, sample_text
 from blox_scale.models.generate import generate, left_pad, sample_logits
 from helpers import tree_allclose
 from lm_helpers import fill_params
@@ -124,12 +124,49 @@ def test_generate_errors():
 
 
 def test_cli_prints_prompt_and_continuation(monkeypatch, capsys, tmp_path):
-  model, params = _setup(TINY)  # vocab 61: the prompt uses bytes below 61
+  config = dataclasses.replace(TINY, vocab_size=256)  # the byte tokenizer's vocab
+  model, params = _setup(config)
   fake = types.ModuleType('blox_scale.training.checkpoint')
-  fake.load_for_inference = lambda path: (Config(model=TINY), model, params)
+  fake.load_for_inference = lambda path: (Config(model=config), model, params)
+  fake.find_workdir = lambda path: (tmp_path, None)  # no recorded tokenizer there: data.tokenizer ('byte')
   monkeypatch.setitem(sys.modules, 'blox_scale.training.checkpoint', fake)
   (tmp_path / 'config.yaml').write_text('{}')  # the CLI checks the path before loading
   assert main(['--checkpoint', str(tmp_path), '--prompt', '(0', '--max-new-tokens', '12', '--temperature', '0']) == 0
   out = capsys.readouterr().out
   [expected] = generate(model, params, [list(b'(0')], max_new_tokens=12)
   assert out == '(0' + bytes(expected).decode('utf-8', errors='replace') + '\n'
+
+
+def test_padded_vocab_ids_are_never_sampled():
+  model, params = _setup(TINY)  # vocab 61; a tokenizer of 40 ids
+  free = np.asarray(generate(model, params, PROMPTS, max_new_tokens=20, temperature=1.5))
+  limited = np.asarray(generate(model, params, PROMPTS, max_new_tokens=20, temperature=1.5, vocab_limit=40))
+  assert free.max() >= 40  # without the limit the padding ids do come up
+  assert limited.max() < 40
+  with pytest.raises(ValueError, match='vocab_limit=62'):
+    generate(model, params, PROMPTS, max_new_tokens=2, vocab_limit=62)
+
+
+class _IdTokenizer:
+  """Token i <-> character chr(65 + i); BOS 0 starts prompts; `eos_id` set by the test."""
+  vocab_size, bos_id = 61, 0
+
+  def __init__(self, eos_id):
+    self.eos_id = eos_id
+
+  def encode(self, text):
+    return [ord(c) - 65 for c in text]
+
+  def encode_prompt(self, text):
+    return [self.bos_id] + self.encode(text)
+
+  def decode(self, ids):
+    return ''.join(chr(65 + i) for i in ids)
+
+
+def test_sample_text_starts_with_bos_and_stops_at_end_of_document():
+  model, params = _setup(TINY)
+  [new] = generate(model, params, [[0, 5, 17]], max_new_tokens=12)
+  eos = new[5]
+  text = sample_text(model, params, _IdTokenizer(eos), 'FR', max_new_tokens=12)
+  assert text == ''.join(chr(65 + i) for i in new[:new.index(eos)])

@@ -8,7 +8,8 @@ plus a fresh optimizer state of the default optimizer), so that
 `blox-sample --checkpoint WORKDIR` samples from it and
 `blox-train --config WORKDIR/config.yaml` trains on from it. `blox-to-hf`
 writes config.json + safetensors (sharded with an index above
---max-shard-size) that Hugging Face's `from_pretrained` reads.
+--max-shard-size) that Hugging Face's `from_pretrained` reads, plus the run's
+recorded tokenizer files if it has them.
 
 Both write into a temporary directory next to the destination and rename it
 at the end: a failure (a missing, unexpected or misshaped tensor is reported
@@ -86,20 +87,28 @@ def hf_to_blox(src: Path, workdir: Path, dtype: str, progress: bool) -> None:
 
   import blox as bx
   from blox_scale.interop import hf, lazy_save, safetensors_io
+  from blox_scale.training import tokenizer as tokenizers
   from blox_scale.training.checkpoint import Checkpointer, save_config
   from blox_scale.training.config import CheckpointConfig, Config, TrainConfig, validate
   from blox_scale.training.optim import make_optimizer
   from blox_scale.training.step import TrainState
 
   _check_destination(workdir)
+  tokenizer = None
+  if any((src / name).is_file() for name in (tokenizers.HF_FILE, tokenizers.SENTENCEPIECE_FILE)):
+    tokenizer = tokenizers.get_tokenizer(str(src), key='SRC')  # the model's own tokenizer, checked before reading
+    tokenizers.check_vocab(tokenizer, hf.read_config(src, dtype)[1].vocab_size, str(src), key='SRC',
+                           model_key='vocab_size of its config.json')
   lazy_save.register()
   total = safetensors_io.Reader(src).nbytes()
   with _bar(total, 'convert', progress) as bar:
     model, abstract, sources = hf.param_sources(src, dtype, progress=bar.update)  # checks before writing
     defaults = Config()
-    config = Config(model=model.config, train=TrainConfig(workdir=str(workdir.absolute())),
-                    data=dataclasses.replace(defaults.data, seq_len=min(defaults.data.seq_len, model.config.max_seq_len)))
-    validate(config)
+    data = dataclasses.replace(defaults.data, seq_len=min(defaults.data.seq_len, model.config.max_seq_len))
+    if tokenizer is not None:  # the workdir's own copy (recorded below) is the run's tokenizer
+      data = dataclasses.replace(data, tokenizer=str(workdir.absolute() / tokenizers.RUN_TOKENIZER_DIR))
+    config = Config(model=model.config, train=TrainConfig(workdir=str(workdir.absolute())), data=data)
+    validate(config, files=False)  # no data is read; the destination was checked, the tokenizer copy is made below
     # A fresh (zero) optimizer state, exactly as blox-train would create it, so
     # that `blox-train` resumes at step 0 from these params.
     optimizer, _ = make_optimizer(config.optimizer, config.train.steps)
@@ -121,6 +130,8 @@ def hf_to_blox(src: Path, workdir: Path, dtype: str, progress: bool) -> None:
       checkpointer.save(0, state)
       checkpointer.close()
       save_config(tmp, config)
+      if tokenizer is not None:  # blox-sample and blox-train use this copy
+        tokenizers.record(tokenizer, tmp)
       if workdir.exists():
         workdir.rmdir()  # empty (checked above)
       os.replace(tmp, workdir)
@@ -135,7 +146,8 @@ def blox_to_hf(workdir: Path, dst: Path, dtype: str | None, step: int | None, ma
   import numpy as np
 
   from blox_scale.interop import hf
-  from blox_scale.training.checkpoint import load_for_inference
+  from blox_scale.training.checkpoint import find_workdir, load_for_inference
+  from blox_scale.training.tokenizer import RUN_TOKENIZER_DIR
 
   _check_destination(dst)
   try:
@@ -146,6 +158,10 @@ def blox_to_hf(workdir: Path, dst: Path, dtype: str | None, step: int | None, ma
   total = sum(int(np.prod(p.value.shape)) * p.value.dtype.itemsize for p in params.values() if p.trainable)
   with _bar(total, 'write', progress) as bar:
     hf.save(model, params, dst, max_shard_size=size, dtype=dtype, overwrite=True, progress=bar.update)
+  recorded = find_workdir(workdir)[0] / RUN_TOKENIZER_DIR
+  if recorded.is_dir():  # the run's tokenizer ships with the model, as Hugging Face directories do
+    for path in sorted(recorded.glob('tokenizer*')):
+      shutil.copyfile(path, dst / path.name)
   print(f'wrote {dst}: AutoModelForCausalLM.from_pretrained({str(dst)!r}) reads it')
 
 
@@ -169,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from blox_scale.interop.families import UnsupportedConfig
   from blox_scale.interop.hf import ConversionError
+  from blox_scale.training.tokenizer import TokenizerError
   try:
     if args.command == 'hf-to-blox':
       hf_to_blox(args.src, args.workdir, args.dtype, args.progress)
@@ -178,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _fail([str(e)], 2)
   except (ConversionError, UnsupportedConfig) as e:
     return _fail([f'{k}: {what}; {fix}' for k, what, fix in e.problems], 1)
+  except TokenizerError as e:
+    return _fail([str(e)], 2)
   except (FileNotFoundError, ValueError) as e:
     return _fail([str(e)], 1)
   return 0

@@ -55,7 +55,7 @@ from blox_scale.training.remat_auto import budget_bytes, candidate_config, choos
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
 from blox_scale.training.step import (abstract_batch, abstract_train_state, init_train_state, make_eval_step,
                                       make_train_step, train_state_shardings)
-from blox_scale.training.tokenizer import get_tokenizer
+from blox_scale.training import tokenizer as tokenizers
 from blox_scale.training.validation import check_devices
 
 EXIT_OK, EXIT_ERROR, EXIT_NONFINITE = 0, 1, 2
@@ -149,6 +149,7 @@ def train(config: Config) -> int:
   started = time.perf_counter()
   cfg = config
   workdir = Path(cfg.train.workdir)
+  tokenizer = load_tokenizer(cfg)
 
   # -- 2. distributed -------------------------------------------------------------------------------
   distributed.initialize(cfg.distributed)  # no-op for one process on one machine
@@ -177,7 +178,7 @@ def train(config: Config) -> int:
   abstract = with_shardings(abstract, state_shardings)
   num_params = sum(int(np.prod(p.shape)) for p in abstract.params.values() if p.trainable)
   log(f'model: {num_params / 1e6:.2f}M trainable params, {cfg.model.num_layers} layers, d_model {cfg.model.d_model}')
-  tokens = load_tokens(cfg.data)  # host only; a corpus too small for one window is a config error
+  tokens = load_tokens(cfg.data, tokenizer)  # host only; a corpus too small for one window is a config error
   check_corpus(tokens, cfg.data, cfg.model.vocab_size)
   rows = distributed.process_batch_slice(cfg.data.batch_size, mesh, rules)  # this process's rows of each batch
   resuming = cfg.checkpoint.resume and (workdir / CONFIG_FILE).exists()
@@ -202,6 +203,7 @@ def train(config: Config) -> int:
       print(f'blox-train: warning: resuming with a changed config: {format_changes(changes)} '
             f'(the previous config is kept as {kept})', file=sys.stderr, flush=True)
     save_config(workdir, cfg)
+    tokenizers.record(tokenizer, workdir)  # a tokenizer file is copied: the workdir is self-contained
 
   # -- 6. data --------------------------------------------------------------------------------------
   data = build_data(cfg.data, cfg.model.vocab_size, rows=rows, eval_batches=cfg.train.eval_batches, state=data_state,
@@ -349,7 +351,7 @@ def train(config: Config) -> int:
       path = plot_losses(workdir, data.unigram_entropy)
       log(f'loss curve: {path}')
     if cfg.train.sample_tokens > 0 and jax.process_count() == 1:
-      print_samples(cfg, model, state.params)
+      print_samples(cfg, model, state.params, tokenizer)
   except (NonFiniteError, DivergenceError) as e:
     progress.close()
     if primary:
@@ -363,17 +365,23 @@ def train(config: Config) -> int:
   return exit_code
 
 
-def print_samples(cfg: Config, model: DecoderLM, params: bx.Params) -> None:
-  """Continues `train.sample_prompt` (the same `generate` as blox-sample)."""
-  from blox_scale.models.generate import generate
+def load_tokenizer(cfg: Config) -> tokenizers.Tokenizer:
+  """`data.tokenizer`, checked against `model.vocab_size` and the tokenizer recorded in the workdir."""
+  tokenizer = tokenizers.get_tokenizer(cfg.data.tokenizer)
+  tokenizers.check_vocab(tokenizer, cfg.model.vocab_size, cfg.data.tokenizer)
+  tokenizers.check_recorded(tokenizer, cfg.train.workdir)
+  return tokenizer
 
-  tokenizer = get_tokenizer(cfg.data.tokenizer)
-  prompt = tokenizer.encode(cfg.train.sample_prompt) or [ord('\n')]
-  tokens = min(cfg.train.sample_tokens, cfg.model.max_seq_len - len(prompt))
-  [new] = generate(model, params, [prompt], max_new_tokens=tokens, temperature=cfg.train.sample_temperature,
-                   seed=cfg.train.seed)
+
+def print_samples(cfg: Config, model: DecoderLM, params: bx.Params, tokenizer: tokenizers.Tokenizer) -> None:
+  """Continues `train.sample_prompt` (the same code as blox-sample)."""
+  from blox_scale.cli.sample import sample_text
+
+  room = cfg.model.max_seq_len - len(tokenizer.encode_prompt(cfg.train.sample_prompt) or [0])
+  text = sample_text(model, params, tokenizer, cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, room),
+                     temperature=cfg.train.sample_temperature, seed=cfg.train.seed)
   print('sample ' + '-' * 60)
-  print(cfg.train.sample_prompt + tokenizer.decode(new))
+  print(cfg.train.sample_prompt + text)
   print('-' * 67, flush=True)
 
 

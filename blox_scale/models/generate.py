@@ -64,12 +64,16 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=('max_new_tokens', 'temperature', 'top_k', 'top_p'))
+                   static_argnames=('max_new_tokens', 'temperature', 'top_k', 'top_p', 'vocab_limit'))
 def _generate(model: Any, params: bx.Params, tokens: jax.Array, pad: jax.Array, key: jax.Array, *,
-              max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> jax.Array:
+              max_new_tokens: int, temperature: float, top_k: int, top_p: float, vocab_limit: int) -> jax.Array:
   """`tokens: int32[B, P]` left-padded, `pad: int32[B]` -> `int32[B, max_new_tokens]`."""
   batch, prompt_len = tokens.shape
-  pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  def pick(logits: jax.Array, key: jax.Array) -> jax.Array:  # logits: [B, vocab]
+    if vocab_limit < logits.shape[-1]:  # padded vocab: never sample ids the tokenizer cannot decode
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    return sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
   (logits, cache), _ = model.decode(params, tokens, cache, cache_index=0, pad=pad)
   first = pick(logits[:, -1], jax.random.fold_in(key, 0))
@@ -97,17 +101,20 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> 
 
 
 def generate(model: Any, params: bx.Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             vocab_limit: int | None = None) -> list[list[int]]:
   """Continues every prompt by `max_new_tokens` tokens.
 
   Args:
     model: a `DecoderLM` (anything with `init_cache`, `decode`, `config`).
     params: its params.
     prompts: token id lists, possibly of different lengths (each >= 1 token).
-    max_new_tokens: tokens generated per prompt (no early stop: the byte
-      tokenizer has no end-of-text token).
+    max_new_tokens: tokens generated per prompt (no early stop: callers cut
+      at an end-of-document token, see blox-sample).
     temperature: 0 = greedy; top_k: 0 = no limit; top_p: 1.0 = no limit.
     seed: sampling seed (step i uses `fold_in(key(seed), i)`).
+    vocab_limit: sample only ids < vocab_limit (the tokenizer's vocab when
+      the model's is padded beyond it); None = the model's vocab.
   Returns:
     The NEW tokens only, one list of `max_new_tokens` ids per prompt.
   """
@@ -119,6 +126,9 @@ def generate(model: Any, params: bx.Params, prompts: Sequence[Sequence[int]], *,
     raise ValueError(f'generate: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got '
                      f'temperature={temperature}, top_p={top_p}, top_k={top_k}.')
   vocab = model.config.vocab_size
+  vocab_limit = vocab if vocab_limit is None else int(vocab_limit)
+  if not 0 < vocab_limit <= vocab:
+    raise ValueError(f'generate: vocab_limit={vocab_limit} must be in [1, model.vocab_size={vocab}].')
   bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab]
   if bad:
     raise ValueError(f'generate: prompt token ids must be in [0, {vocab}), got {bad[:5]}.')
@@ -132,5 +142,5 @@ def generate(model: Any, params: bx.Params, prompts: Sequence[Sequence[int]], *,
   tokens, pad = left_pad(prompts, length)
   out = _generate(model, params, jnp.asarray(tokens), jnp.asarray(pad), jax.random.key(seed),
                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                  top_k=int(top_k), top_p=float(top_p))
+                  top_k=int(top_k), top_p=float(top_p), vocab_limit=vocab_limit)
   return np.asarray(out).tolist()

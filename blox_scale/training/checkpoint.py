@@ -284,9 +284,9 @@ def read_config(workdir: str | Path) -> Config:
   return config
 
 
-def _find_workdir(path: Path) -> tuple[Path, int | None]:
-  """`path` may be a workdir, its checkpoints/ dir, or one step dir."""
-  path = path.absolute()
+def find_workdir(path: str | Path) -> tuple[Path, int | None]:
+  """`(workdir, step or None)`; `path` may be a workdir, its checkpoints/ dir, or one step dir."""
+  path = Path(path).absolute()
   for candidate, step in ((path, None), (path.parent, None), (path.parent.parent, path.name)):
     if (candidate / CONFIG_FILE).exists():
       return candidate, int(step) if step is not None and str(step).isdigit() else None
@@ -302,7 +302,7 @@ def load_for_inference(path: str | Path, step: int | None = None) -> tuple[Confi
   """
   from blox_scale.models import DecoderLM
 
-  workdir, step_from_path = _find_workdir(Path(path))
+  workdir, step_from_path = find_workdir(Path(path))
   config = read_config(workdir)
   model = DecoderLM(bx.Graph('lm'), config.model)
   abstract = jax.eval_shape(model.init, config.train.seed)

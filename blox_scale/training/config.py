@@ -38,8 +38,8 @@ class DataConfig:
   """Where tokens come from and how batches are made."""
   source: str = field('stdlib', "'stdlib' (embedded corpus: this Python's own standard library source), 'text', 'tokens' or 'array_record'.")
   path: str = field('', "File or glob for 'text' (UTF-8), 'tokens' (raw uint16/uint32 file) or 'array_record'.")
-  token_dtype: str = field('uint16', "dtype of a 'tokens' file: uint16 or uint32.")
-  tokenizer: str = field('byte', "Tokenizer: 'byte' (UTF-8 bytes, vocab 256).")
+  token_dtype: str = field('auto', "dtype of a 'tokens' file: 'auto' (from its .json sidecar written by blox-tokenize; uint16 without one), uint16 or uint32.")
+  tokenizer: str = field('byte', "Tokenizer: 'byte' (UTF-8 bytes, vocab 256), a Hugging Face tokenizer.json (or a directory holding one) or a SentencePiece .model; a file is copied into the workdir.")
   seq_len: int = field(128, 'Tokens per training sequence (packed).')
   batch_size: int = field(16, 'Global batch size in sequences (split across processes and data shards).')
   shuffle_seed: int = field(0, 'Seed of the deterministic shuffle.')

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -32,13 +33,10 @@ import grain
 import numpy as np
 
 from blox_scale.training.config import ConfigError, DataConfig
-from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
+from blox_scale.training.tokenizer import (DOCUMENT_SEPARATOR, TOKEN_FILE_DTYPES, ByteTokenizer, Tokenizer,
+                                           TokenizerError, check_vocab, get_tokenizer)
 
 Batch = dict[str, np.ndarray]
-
-# Between documents of a concatenated corpus: a blank line reads naturally in
-# samples of a byte-level model and needs no special token.
-DOCUMENT_SEPARATOR = b'\n\n'
 
 
 # -----------------------------------------------------------------------------
@@ -61,25 +59,31 @@ def stdlib_files() -> list[Path]:
   return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def stdlib_corpus(max_bytes: int) -> bytes:
-  """The concatenated stdlib source, at most `max_bytes` long (whole files first)."""
-  parts, total = [], 0
+def stdlib_documents(max_bytes: int) -> list[bytes]:
+  """The stdlib files' contents, in `stdlib_files` order, while each plus a separator fits `max_bytes`.
+
+  The last document is cut so that the documents, each followed by
+  `DOCUMENT_SEPARATOR`, fill exactly `max_bytes` (`stdlib_corpus`).
+  """
+  docs, total = [], 0
   for path in stdlib_files():
+    if total >= max_bytes:
+      break
     try:
       raw = path.read_bytes()
     except OSError:
       continue  # unreadable file (permissions): skip, the rest is deterministic
-    raw += DOCUMENT_SEPARATOR
-    if total + len(raw) > max_bytes:
-      parts.append(raw[:max_bytes - total])
-      total = max_bytes
-      break
-    parts.append(raw)
-    total += len(raw)
-  if total == 0:
+    docs.append(raw[:max_bytes - total])
+    total += len(raw) + len(DOCUMENT_SEPARATOR)
+  if not docs:
     raise FileNotFoundError(f"No Python source found under {sysconfig.get_paths()['stdlib']} for data.source='stdlib'. "
                             "Use data.source='text' data.path=YOUR_FILES instead.")
-  return b''.join(parts)
+  return docs
+
+
+def stdlib_corpus(max_bytes: int) -> bytes:
+  """The concatenated stdlib source, at most `max_bytes` long (whole files first, each + a blank line)."""
+  return b''.join(doc + DOCUMENT_SEPARATOR for doc in stdlib_documents(max_bytes))[:max_bytes]
 
 
 def _expand(pattern: str, key: str) -> list[str]:
@@ -91,45 +95,112 @@ def _expand(pattern: str, key: str) -> list[str]:
   return paths
 
 
-def _stdlib_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
-  return tokenizer.encode_array(stdlib_corpus(cfg.max_bytes))
+# -- token files (data.source='tokens', written by blox-tokenize) ---------------------------------
 
 
-def _text_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
-  docs = [Path(p).read_bytes() for p in _expand(cfg.path, 'data.path')]
-  return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
+def token_meta_path(path: str | Path) -> Path:
+  """The JSON sidecar of a token file: `<path>.json` (dtype, tokenizer, counts)."""
+  return Path(f'{path}.json')
 
 
-def _file_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+def write_token_meta(path: str | Path, meta: dict[str, Any]) -> None:
+  """Writes the sidecar of the token file at `path` (atomically)."""
+  target = token_meta_path(path)
+  tmp = target.with_name(target.name + '.tmp')
+  tmp.write_text(json.dumps(meta, indent=1) + '\n')
+  tmp.replace(target)
+
+
+def read_token_meta(path: str | Path) -> dict[str, Any] | None:
+  """The sidecar of the token file at `path`, or None when it has none."""
+  meta_path = token_meta_path(path)
+  if not meta_path.exists():
+    return None
+  try:
+    return json.loads(meta_path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'data.path={str(path)!r}: its sidecar {meta_path} is unreadable ({e}); '
+                      're-run blox-tokenize or delete the sidecar and set data.token_dtype') from e
+
+
+def token_file_dtype(path: str | Path, token_dtype: str) -> str:
+  """The dtype of a token file: its sidecar's, checked against `data.token_dtype` ('auto': the sidecar's, else uint16)."""
+  meta = read_token_meta(path)
+  if meta is None:
+    return 'uint16' if token_dtype == 'auto' else token_dtype
+  if token_dtype not in ('auto', meta['dtype']):
+    raise ConfigError(f"data.token_dtype={token_dtype!r}: {token_meta_path(path)} records dtype {meta['dtype']!r}; "
+                      'set data.token_dtype=auto (read it from the sidecar).')
+  return meta['dtype']
+
+
+def read_token_file(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> np.memmap:
+  """A token file, memory-mapped with the dtype its sidecar records (else `data.token_dtype`, uint16 for 'auto').
+
+  With a sidecar, the file's tokenizer must be `data.tokenizer` (the same
+  files, by sha256) and its length must match the recorded token count.
+  """
+  dtype = token_file_dtype(path, cfg.token_dtype)
+  meta = read_token_meta(path)
+  if meta is not None and meta.get('tokenizer_sha256') != tokenizer.fingerprint():
+    raise TokenizerError(f"data.tokenizer={cfg.tokenizer!r}: {path} was tokenized with {meta.get('tokenizer')!r} "
+                         f'(a different tokenizer, per {token_meta_path(path)}); set data.tokenizer to the tokenizer '
+                         'blox-tokenize used, or re-tokenize the text with this one.')
+  itemsize = np.dtype(dtype).itemsize
+  size = os.path.getsize(path)
+  if size == 0 or size % itemsize:
+    raise ConfigError(f"data.path={path!r}: {size} bytes is not a whole, non-zero number of {dtype} tokens; "
+                      'set data.token_dtype to the dtype the file was written with (or re-run blox-tokenize).')
+  if meta is not None and size // itemsize != meta['num_tokens']:
+    raise ConfigError(f"data.path={path!r}: holds {size // itemsize} tokens but {token_meta_path(path)} records "
+                      f"{meta['num_tokens']}; the file is truncated or was overwritten: re-run blox-tokenize.")
+  return np.memmap(path, dtype=np.dtype(dtype), mode='r')
+
+
+# -- sources --------------------------------------------------------------------------------------
+
+
+def _stdlib_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
+  if isinstance(tokenizer, ByteTokenizer):  # the byte stream of earlier runs: every file + a blank line, cut
+    return tokenizer.encode_array(stdlib_corpus(cfg.max_bytes))
+  return tokenizer.encode_documents(stdlib_documents(cfg.max_bytes))
+
+
+def _text_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
+  return tokenizer.encode_documents([Path(p).read_bytes() for p in _expand(cfg.path, 'data.path')])
+
+
+def _file_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
   if cfg.token_dtype not in TOKEN_DTYPES:
     raise ConfigError(f"data.token_dtype={cfg.token_dtype!r}: not a token dtype; use one of {', '.join(TOKEN_DTYPES)}.")
   paths = _expand(cfg.path, 'data.path')
   if len(paths) != 1:
     raise ConfigError(f"data.path={cfg.path!r}: matches {len(paths)} files but data.source='tokens' reads one; concatenate them first.")
-  return np.memmap(paths[0], dtype=np.dtype(cfg.token_dtype), mode='r')
+  return read_token_file(paths[0], cfg, tokenizer)
 
 
-def _array_record_tokens(cfg: DataConfig, tokenizer: ByteTokenizer) -> np.ndarray:
+def _array_record_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
   source = grain.sources.ArrayRecordDataSource(_expand(cfg.path, 'data.path'))
-  docs = [bytes(source[i]) for i in range(len(source))]
-  return tokenizer.encode_array(DOCUMENT_SEPARATOR.join(docs))
+  return tokenizer.encode_documents([bytes(source[i]) for i in range(len(source))])
 
 
 # data.source: corpus name -> its loader (config, tokenizer) -> 1-d token ids.
 SOURCES = {'stdlib': _stdlib_tokens, 'text': _text_tokens, 'tokens': _file_tokens, 'array_record': _array_record_tokens}
-# data.token_dtype: the id widths a 'tokens' file may hold.
-TOKEN_DTYPES = ('uint16', 'uint32')
+# data.token_dtype: 'auto' (from the file's sidecar) or the id widths a 'tokens' file may hold.
+TOKEN_DTYPES = ('auto', *TOKEN_FILE_DTYPES)
 
 
-def load_tokens(cfg: DataConfig, tokenizer: ByteTokenizer | None = None) -> np.ndarray:
+def load_tokens(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> np.ndarray:
   """The whole corpus as one 1-d array of token ids (uint8/16/32; memory-mapped for 'tokens').
 
   - 'stdlib': the standard library source (capped at `data.max_bytes`).
-  - 'text': UTF-8 files matching `data.path`, sorted, joined by a blank line.
-  - 'tokens': a raw binary file of `data.token_dtype` ids (numpy `tofile`),
-    memory-mapped, so corpora larger than RAM work.
+  - 'text': UTF-8 files matching `data.path`, sorted, one document each.
+  - 'tokens': a raw binary file of uint16/uint32 ids (blox-tokenize, or numpy
+    `tofile` with `data.token_dtype`), memory-mapped, so corpora larger than RAM work.
   - 'array_record': ArrayRecord files of UTF-8 documents (one record each),
     tokenized and concatenated in memory.
+  Documents are joined as `Tokenizer.encode_documents` does (end-of-document
+  tokens between them; a blank line for the byte tokenizer).
   """
   if cfg.source not in SOURCES:
     raise ConfigError(f"data.source={cfg.source!r}: not a data source; use one of {', '.join(SOURCES)}.")
@@ -300,14 +371,19 @@ def make_iterator(ds: grain.MapDataset, state: dict[str, Any] | None = None,
 
 
 def build_data(cfg: DataConfig, vocab_size: int, *, rows: slice | None = None, eval_batches: int = 4,
-               state: dict[str, Any] | None = None, tokens: np.ndarray | None = None) -> Data:
+               state: dict[str, Any] | None = None, tokens: np.ndarray | None = None,
+               tokenizer: Tokenizer | None = None) -> Data:
   """Corpus -> train iterator (resumed at `state`) and eval batches.
 
+  vocab_size: `model.vocab_size` (checked against `data.tokenizer`'s).
   rows: the rows of each global batch this process loads
     (`distributed.process_batch_slice`; None = all, a single process).
+  tokenizer: `data.tokenizer`, loaded (None: loaded here).
   """
   if tokens is None:
-    tokens = load_tokens(cfg)
+    tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
+    check_vocab(tokenizer, vocab_size, cfg.tokenizer)
+    tokens = load_tokens(cfg, tokenizer)
   total = num_windows(len(tokens), cfg.seq_len)
   if not 0.0 <= cfg.eval_fraction < 1.0:
     raise ConfigError(f'data.eval_fraction={cfg.eval_fraction}: must be in [0, 1); pick a fraction below 1.')

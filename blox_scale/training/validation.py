@@ -10,7 +10,7 @@ message of the form `key=value: what is wrong; the fix`.
 The valid names come from the modules that own them (remat policies from
 `stacking/remat.py`, activations from `nn/mlp.py`, norms from `nn/block.py`,
 positions from `models/decoder.py`, schedules from `training/optim.py`, data
-sources and token dtypes from `training/data.py`, tokenizers from
+sources and token dtypes from `training/data.py`, tokenizer kinds from
 `training/tokenizer.py`), so adding one there is all it takes.
 """
 
@@ -101,20 +101,21 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
   if m.num_heads % kv:
     _fail('model.num_kv_heads', kv, f'does not divide model.num_heads={m.num_heads} (grouped-query attention)',
           'use a divisor of num_heads (1 = multi-query, 0 = num_heads)')
-  if tokenizer == 'byte' and m.vocab_size < 256:
+  if tokenizer == 'byte' and m.vocab_size < 256:  # a tokenizer file's vocab is checked where it is loaded
     _fail('model.vocab_size', m.vocab_size, 'is smaller than the byte tokenizer (256 ids)', 'set model.vocab_size=256 or more')
 
 
 def check_data(d: Any, max_seq_len: int, files: bool = True) -> None:
   """`data.*`: ranges, names, and (`files`) the files behind `data.path`."""
   from blox_scale.training.data import SOURCES, TOKEN_DTYPES
-  from blox_scale.training.tokenizer import TOKENIZERS
+  from blox_scale.training.tokenizer import tokenizer_kind
 
   _one_of('data.source', d.source, SOURCES)
   _one_of('data.token_dtype', d.token_dtype, TOKEN_DTYPES)
-  if d.tokenizer not in TOKENIZERS and files and not Path(d.tokenizer).expanduser().exists():
-    _fail('data.tokenizer', d.tokenizer, 'is neither a built-in tokenizer nor an existing file',
-          f'use one of {", ".join(TOKENIZERS)} or the path of a tokenizer file')
+  tokenizer_kind(d.tokenizer)  # 'byte', a tokenizer file or a directory (a TokenizerError names the key)
+  if d.tokenizer != 'byte' and files and not Path(d.tokenizer).expanduser().exists():
+    _fail('data.tokenizer', d.tokenizer, 'is neither byte nor an existing file or directory',
+          'use byte, a Hugging Face tokenizer.json (or its directory) or a SentencePiece .model file')
   _at_least('data.seq_len', d.seq_len, 1)
   _at_least('data.batch_size', d.batch_size, 1)
   _at_least('data.shuffle_seed', d.shuffle_seed, 0)
@@ -146,12 +147,14 @@ def check_data_files(d: Any) -> None:
   if not any(sizes.values()):
     _fail('data.path', d.path, 'only matches empty files', 'point data.path at files with data in them')
   if d.source == 'tokens':
+    from blox_scale.training.data import token_file_dtype
     if len(paths) != 1:
       _fail('data.path', d.path, f"matches {len(paths)} files but data.source='tokens' reads one", 'concatenate them first')
-    itemsize = np.dtype(d.token_dtype).itemsize
+    dtype = token_file_dtype(paths[0], d.token_dtype)  # from the blox-tokenize sidecar, if there is one
+    itemsize = np.dtype(dtype).itemsize
     size = sizes[paths[0]]
     if size % itemsize:
-      _fail('data.path', paths[0], f'holds {size} bytes, not a whole number of data.token_dtype={d.token_dtype} ids',
+      _fail('data.path', paths[0], f'holds {size} bytes, not a whole number of {dtype} ids',
             f"check data.token_dtype ({'uint32' if itemsize == 2 else 'uint16'}?) or the file")
     if size // itemsize < 2:
       _fail('data.path', paths[0], f'holds {size // itemsize} token(s); training needs at least 2', 'use a larger token file')
