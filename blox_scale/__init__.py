@@ -6,7 +6,7 @@ layouts), `nn/` and `models/` (blocks, DecoderLM, generation), `parallel/`
 checkpoints, metrics) and `cli/` (the command-line tools).
 """
 
-from blox_scale import flops, nn
+from blox_scale import finetune, flops, nn
 from blox_scale.interop import hf
 from blox_scale.models import DecoderLM, ModelConfig
 from blox_scale.models.generate import generate
@@ -29,7 +29,7 @@ from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
 
 __all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat',
            'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer', 'get_tokenizer',
-           'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn', 'hf',
+           'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn', 'hf', 'finetune',
            'ModelConfig', 'AttentionConfig', 'MLPConfig', 'BlockConfig']
 __all__ += ['distributed', 'sharding', 'make_mesh', 'rules_from_config', 'param_shardings', 'batch_sharding',
             'constrain', 'use_mesh_rules', 'TrainState', 'init_train_state', 'make_train_step', 'make_eval_step',

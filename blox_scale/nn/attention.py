@@ -16,7 +16,9 @@ Params (logical axes in `metadata['sharding']`):
   o_bias [embed]; with `qk_norm`: q_norm/scale, k_norm/scale [head_dim] ('norm',).
 
 Kernels are 3-d (heads kept as their own axis) so that tensor parallelism can
-shard 'heads' without a reshape that would hide the head boundary.
+shard 'heads' without a reshape that would hide the head boundary. Each is a
+`Projection` child module (`self.q`, `self.k`, `self.v`, `self.o`) whose
+params keep the names above (`attn/q`, not `attn/q/kernel`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import blox as bx
-from blox.layers import DType, cast, compute_dtype
+from blox.layers import DType, cast
 from blox_scale.nn.config import AttentionConfig
+from blox_scale.nn.projection import Projection
 from blox_scale.nn.rope import apply_rope
 
 Cache = dict[str, jax.Array]
@@ -99,27 +102,21 @@ class Attention(bx.Module):
     self.num_kv_heads = num_kv_heads
     self.rng = rng
     self.out_init_std = c.init_std if c.out_init_std is None else c.out_init_std
+
+    def projection(name: str, in_ndim: int, axes: tuple[str, ...], std: float) -> Projection:
+      return Projection(graph.child(name), rng, in_ndim=in_ndim, kernel_axes=axes, kernel_init=_normal(std),
+                        use_bias=c.use_bias, param_dtype=c.param_dtype, dtype=c.dtype)
+
+    self.q = projection('q', 1, ('embed', 'heads', 'head_dim'), c.init_std)
+    self.k = projection('k', 1, ('embed', 'kv_heads', 'head_dim'), c.init_std)
+    self.v = projection('v', 1, ('embed', 'kv_heads', 'head_dim'), c.init_std)
+    self.o = projection('o', 2, ('heads', 'head_dim', 'embed'), self.out_init_std)
     self.q_norm = self.k_norm = None
     if c.qk_norm:
       # Per-head RMSNorm of q and k (Gemma 3, OLMo 2, Qwen 3): bounds the
       # attention logits, which otherwise grow with training and blow up bf16.
       norm = lambda name: bx.RMSNorm(graph.child(name), epsilon=c.norm_eps, param_dtype=c.param_dtype, dtype=c.dtype)
       self.q_norm, self.k_norm = norm('q_norm'), norm('k_norm')
-
-  def _proj(self, params: bx.Params, name: str, x: jax.Array, heads: int, head_dim: int,
-            axis: str) -> tuple[jax.Array, bx.Params]:
-    """`x: [B, T, D]` -> `[B, T, heads, head_dim]` in the compute dtype."""
-    kernel, params = self.get_param(
-        params, name, (x.shape[-1], heads, head_dim), _normal(self.config.init_std), dtype=self.config.param_dtype,
-        metadata={'sharding': ('embed', axis, 'head_dim')}, rng=self.rng)
-    dtype = compute_dtype(self.config.dtype, x, kernel)
-    y = jnp.einsum('btd,dnh->btnh', cast(x, dtype), cast(kernel, dtype))
-    if self.config.use_bias:
-      bias, params = self.get_param(
-          params, f'{name}_bias', (heads, head_dim), jax.nn.initializers.zeros, dtype=self.config.param_dtype,
-          metadata={'sharding': (axis, 'head_dim')}, rng=self.rng)
-      y = y + cast(bias, dtype)[None, None]
-    return y, params
 
   def __call__(
       self,
@@ -133,9 +130,9 @@ class Attention(bx.Module):
   ) -> tuple[Any, bx.Params]:
     d_model = x.shape[-1]
     head_dim = self.config.head_dim or d_model // self.num_heads
-    q, params = self._proj(params, 'q', x, self.num_heads, head_dim, 'heads')       # [B, T, N, H]
-    k, params = self._proj(params, 'k', x, self.num_kv_heads, head_dim, 'kv_heads')  # [B, T, K, H]
-    v, params = self._proj(params, 'v', x, self.num_kv_heads, head_dim, 'kv_heads')  # [B, T, K, H]
+    q, params = self.q(params, x, (self.num_heads, head_dim))     # [B, T, N, H]
+    k, params = self.k(params, x, (self.num_kv_heads, head_dim))  # [B, T, K, H]
+    v, params = self.v(params, x, (self.num_kv_heads, head_dim))  # [B, T, K, H]
     dtype = q.dtype  # the compute dtype: `dtype`, or the promotion of x and the kernels
     if self.q_norm is not None:
       q, params = self.q_norm(params, q)
@@ -166,15 +163,7 @@ class Attention(bx.Module):
       out = jax.nn.dot_product_attention(q, cast(keys, dtype), cast(values, dtype), mask=mask)
       new_kv = {'k': cast(k, cache['k'].dtype), 'v': cast(v, cache['v'].dtype)}
 
-    o_kernel, params = self.get_param(
-        params, 'o', (self.num_heads, head_dim, d_model), _normal(self.out_init_std), dtype=self.config.param_dtype,
-        metadata={'sharding': ('heads', 'head_dim', 'embed')}, rng=self.rng)
-    y = jnp.einsum('btnh,nhd->btd', out, cast(o_kernel, dtype))
-    if self.config.use_bias:
-      o_bias, params = self.get_param(
-          params, 'o_bias', (d_model,), jax.nn.initializers.zeros, dtype=self.config.param_dtype,
-          metadata={'sharding': ('embed',)}, rng=self.rng)
-      y = y + cast(o_bias, dtype)[None, None]
+    y, params = self.o(params, cast(out, dtype), (d_model,))      # [B, T, D]
     y = checkpoint_name(y, 'attn_out')
     if cache is None:
       return y, params
