@@ -12,8 +12,8 @@ the RSS of a child that only imports the same modules and starts JAX
 
   hf-to-blox    blox-convert hf-to-blox: streamed into an orbax checkpoint,
                 one layer of one param at a time (target: growth << size)
-  blox-to-hf    blox-convert blox-to-hf: restores the params (they are the
-                model: growth ~ 1x size on a CPU host), writes shard by shard
+  blox-to-hf    blox-convert blox-to-hf: restores one stacked param at a time
+                (orbax placeholders for the rest) and writes shard by shard
   hf.load       bs.hf.load onto the CPU device: the params themselves are host
                 memory here, so growth ~ 1x size; the excess over 1x is the
                 streaming overhead
@@ -146,12 +146,13 @@ def main() -> None:
         'hf.load': [py, '-c', LOAD, str(src)],
     }
     print(f'baseline child (imports + JAX init): peak RSS {baseline / 2**20:.0f} MiB')
-    print(f'{"conversion":<12} {"wall s":>8} {"MB/s":>8} {"peak RSS MiB":>13} {"growth MiB":>11} {"growth/size":>12}')
+    print(f'{"conversion":<12} {"wall s":>8} {"MB/s":>8} {"peak RSS MiB":>13} {"growth MiB":>11} {"growth/size":>12} '
+          f'{"growth/largest tensor":>22}')
     for name, argv in runs.items():
       wall, peak = run_child(argv)
       growth = peak - baseline
       print(f'{name:<12} {wall:8.1f} {size / 1e6 / wall:8.1f} {peak / 2**20:13.0f} {growth / 2**20:11.0f} '
-            f'{growth / size:12.2f}', flush=True)
+            f'{growth / size:12.2f} {growth / largest:22.1f}', flush=True)
   finally:
     if not args.keep:
       shutil.rmtree(base, ignore_errors=True)

@@ -11,6 +11,9 @@ writes config.json + safetensors (sharded with an index above
 --max-shard-size) that Hugging Face's `from_pretrained` reads, plus the run's
 recorded tokenizer files if it has them.
 
+Neither holds the model in host memory: hf-to-blox writes each stacked
+param into the orbax checkpoint one layer at a time (`interop/lazy_save.py`),
+blox-to-hf restores one param at a time and writes one shard at a time.
 Both write into a temporary directory next to the destination and rename it
 at the end: a failure (a missing, unexpected or misshaped tensor is reported
 for every offender before anything is read) leaves no partial output.
@@ -141,12 +144,47 @@ def hf_to_blox(src: Path, workdir: Path, dtype: str, progress: bool) -> None:
   print(f'wrote {workdir} (step 0): blox-sample --checkpoint {workdir} --prompt ...')
 
 
+def checkpoint_fetch(workdir: Path, step: int | None):
+  """-> (model, step, fetch): `fetch(path)` restores that one param of the checkpoint (orbax placeholders
+  skip every other array), so an export holds one stacked param at a time, not the model."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  import blox as bx
+  from blox_scale.models import DecoderLM
+  from blox_scale.training.checkpoint import CHECKPOINT_DIR, find_workdir, flat_names, read_config
+
+  workdir, step_from_path = find_workdir(workdir)
+  step = step if step is not None else step_from_path
+  config = read_config(workdir)
+  model = DecoderLM(bx.Graph('lm'), config.model)
+  names, leaves, _ = flat_names(jax.eval_shape(model.init, 0))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for n, x in zip(names, leaves)}
+  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
+  step = step if step is not None else manager.latest_step()
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f'{workdir / CHECKPOINT_DIR}: no complete checkpoint at step {step} '
+                            f'(available: {sorted(manager.all_steps())})')
+
+  def fetch(path: tuple[str, ...]) -> jax.Array:
+    name = bx.path_to_str(path)
+    item = {n: (v if n == name else ocp.PLACEHOLDER) for n, v in abstract.items()}
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
+    return restored['params'][name]
+
+  return model, step, fetch
+
+
 def blox_to_hf(workdir: Path, dst: Path, dtype: str | None, step: int | None, max_shard_size: str,
                progress: bool) -> None:
+  """Streams a checkpoint into safetensors: one stacked param and one shard in memory at a time."""
+  import jax.numpy as jnp
   import numpy as np
 
   from blox_scale.interop import hf
-  from blox_scale.training.checkpoint import find_workdir, load_for_inference
+  from blox_scale.training.checkpoint import find_workdir
   from blox_scale.training.tokenizer import RUN_TOKENIZER_DIR
 
   _check_destination(dst)
@@ -154,15 +192,17 @@ def blox_to_hf(workdir: Path, dst: Path, dtype: str | None, step: int | None, ma
     size = hf.parse_size(max_shard_size)
   except ValueError as e:
     raise UsageError(f'--max-shard-size: {e}') from None
-  _, model, params = load_for_inference(workdir, step)
-  total = sum(int(np.prod(p.value.shape)) * p.value.dtype.itemsize for p in params.values() if p.trainable)
+  model, step, fetch = checkpoint_fetch(workdir, step)
+  plan = hf.expected_tensors(hf.family_for_model(model.config), model.config)
+  itemsize = jnp.dtype(dtype or model.config.param_dtype).itemsize
+  total = sum(int(np.prod(rule.hf_shape(model.config))) * itemsize for rule, _ in plan.values())
   with _bar(total, 'write', progress) as bar:
-    hf.save(model, params, dst, max_shard_size=size, dtype=dtype, overwrite=True, progress=bar.update)
+    hf.save_from(model, fetch, dst, max_shard_size=size, dtype=dtype, overwrite=True, progress=bar.update)
   recorded = find_workdir(workdir)[0] / RUN_TOKENIZER_DIR
   if recorded.is_dir():  # the run's tokenizer ships with the model, as Hugging Face directories do
     for path in sorted(recorded.glob('tokenizer*')):
       shutil.copyfile(path, dst / path.name)
-  print(f'wrote {dst}: AutoModelForCausalLM.from_pretrained({str(dst)!r}) reads it')
+  print(f'wrote {dst} (step {step}): AutoModelForCausalLM.from_pretrained({str(dst)!r}) reads it')
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -171,7 +171,7 @@ def param_sources(directory: str | Path, dtype: str = 'float32', progress: Progr
       def source(i: int | None, rule: Rule = rule, which: int = which) -> np.ndarray:
         t = reader.read(stored[rule.hf if i is None else rule.hf.format(i=i)])
         progress(t.nbytes)
-        return rule.to_blox(t, config)[which].astype(target)
+        return np.ascontiguousarray(rule.to_blox(t, config)[which].astype(target, copy=False))
 
       sources[path] = (rule.per_layer, source)
   rng_paths = set(model.rng.seed(bx.Params(), seed=0).keys())
@@ -263,14 +263,18 @@ def temp_dir_for(out_dir: Path) -> Path:
 
 
 def _tensor_plan(model: DecoderLM, family: Family) -> list[tuple[str, Rule, int | None]]:
-  """(hf name, rule, layer) in writing order: embeddings, layer 0, layer 1, ..., final norm, head."""
+  """(hf name, rule, layer) in writing order: embeddings, then each per-layer rule for layers
+  0..L-1 (one stacked param is needed at a time), then the final norm and the head."""
   c = model.config
   rules = family.rules(c)
-  head = [(family.save_prefix + r.hf, r, None) for r in rules if not r.per_layer and 'layers' not in r.blox[0]]
-  layers = [(family.save_prefix + r.hf.format(i=i), r, i) for i in range(c.num_layers) for r in rules if r.per_layer]
+  head = [(family.save_prefix + r.hf, r, None) for r in rules if not r.per_layer]
+  layers = [(family.save_prefix + r.hf.format(i=i), r, i) for r in rules if r.per_layer for i in range(c.num_layers)]
   first = [t for t in head if t[1].blox[0] in ('embed/embedding', 'pos_embed/embedding')]
   last = [t for t in head if t not in first]
   return first + layers + last
+
+
+Fetch = Callable[[tuple[str, ...]], Any]
 
 
 def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -284,7 +288,27 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
     overwrite: replace an existing `out_dir` (else it is an error).
   The directory is written under a temporary name and renamed when complete,
   so a failed save leaves no partial output. Host memory: one shard plus one
-  layer slice of one param.
+  layer slice of one param (pulled from the devices when it is written).
+  """
+  c = model.config
+  missing = sorted(bx.path_to_str(_path(model, n)) for r in family_for_model(c).rules(c) for n in r.blox
+                   if _path(model, n) not in params)
+  if missing:
+    raise ConversionError([(m, 'missing from params', 'pass the params of this model') for m in missing])
+  dtype = dtype or str(jnp.dtype(params[_path(model, 'embed/embedding')].value.dtype))
+  return save_from(model, lambda path: params[path].value, out_dir, max_shard_size=max_shard_size, dtype=dtype,
+                   overwrite=overwrite, progress=progress)
+
+
+def save_from(model: DecoderLM, fetch: Fetch, out_dir: str | Path, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+              dtype: str | None = None, overwrite: bool = False, progress: Progress | None = None) -> Path:
+  """`save` with the params given by `fetch(path) -> array` (jax or NumPy, indexable by layer).
+
+  `fetch` is called once per param, in writing order, and its result is
+  dropped once that param's tensors are written: a fetch that restores one
+  param from a checkpoint (`blox-convert blox-to-hf`) keeps one stacked param
+  (three for GPT-2's fused qkv) plus one shard in host memory.
+  `dtype` defaults to `model.config.param_dtype`.
   """
   c = model.config
   family = family_for_model(c)
@@ -292,10 +316,7 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
   out_dir = Path(out_dir)
   if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
     raise FileExistsError(f'{out_dir}: exists and is not empty; pass overwrite=True or choose a new directory')
-  missing = sorted(bx.path_to_str(_path(model, n)) for r in family.rules(c) for n in r.blox if _path(model, n) not in params)
-  if missing:
-    raise ConversionError([(m, 'missing from params', 'pass the params of this model') for m in missing])
-  dtype = dtype or str(jnp.dtype(params[_path(model, 'embed/embedding')].value.dtype))
+  dtype = dtype or c.param_dtype
   if dtype not in FLOAT_DTYPES:
     raise ValueError(f'dtype={dtype!r} is not one of {FLOAT_DTYPES}.')
   np_dtype = np.dtype(jnp.dtype(dtype))
@@ -303,20 +324,23 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
   by_name = {name: (rule, i) for name, rule, i in plan}
   sizes = [(name, int(np.prod(rule.hf_shape(c))) * np_dtype.itemsize) for name, rule, i in plan]
   shards = st.plan_shards(sizes, limit)
+  cache: dict[tuple[str, ...], Any] = {}
 
   def tensors(names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
     for name in names:
       rule, i = by_name[name]
-      parts = []
-      for blox in rule.blox:
-        value = params[_path(model, blox)].value
-        parts.append(np.asarray(jax.device_get(value[i] if i is not None else value)))
-      yield name, rule.to_hf(tuple(parts), c).astype(np_dtype)
+      paths = [_path(model, blox) for blox in rule.blox]
+      if set(paths) != set(cache):
+        cache.clear()  # the previous param is written: release it before fetching the next
+        cache.update({p: fetch(p) for p in paths})
+      parts = tuple(np.asarray(jax.device_get(cache[p][i] if i is not None else cache[p])) for p in paths)
+      yield name, rule.to_hf(parts, c).astype(np_dtype)
 
   tmp = temp_dir_for(out_dir)
   try:
     (tmp / 'config.json').write_text(json.dumps(hf_config(c, dtype), indent=2) + '\n')
     st.write(tmp, shards, tensors, progress or (lambda n: None))
+    cache.clear()
     if out_dir.exists():
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -326,5 +350,5 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
   return out_dir
 
 
-__all__ = ['load', 'save', 'param_sources', 'read_config', 'hf_config', 'check_tensors', 'expected_tensors', 'ConversionError',
+__all__ = ['load', 'save', 'save_from', 'param_sources', 'read_config', 'hf_config', 'check_tensors', 'expected_tensors', 'ConversionError',
            'UnsupportedConfig', 'DEFAULT_MAX_SHARD_SIZE']
