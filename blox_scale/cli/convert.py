@@ -23,7 +23,6 @@ for usage errors, 1 for failures during the conversion.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -31,17 +30,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from blox_scale.cli.common import EXIT_FAILURE, ArgumentParser, UsageError, run_cli
+
 PROG = 'blox-convert'
-
-
-class UsageError(Exception):
-  """A problem with the command line (exit code 2)."""
-
-
-def _fail(lines: list[str], code: int) -> int:
-  for line in lines:
-    print(f'{PROG}: error: {line}', file=sys.stderr)
-  return code
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -161,7 +152,7 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   names, leaves, _ = flat_names(jax.eval_shape(model.init, 0))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for n, x in zip(names, leaves)}
-  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
+  manager = ocp.CheckpointManager(workdir.absolute() / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
   step = step if step is not None else manager.latest_step()
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f'{workdir / CHECKPOINT_DIR}: no complete checkpoint at step {step} '
@@ -205,8 +196,8 @@ def blox_to_hf(workdir: Path, dst: Path, dtype: str | None, step: int | None, ma
   print(f'wrote {dst} (step {step}): AutoModelForCausalLM.from_pretrained({str(dst)!r}) reads it')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog=PROG, description='Convert Hugging Face checkpoints to and from blox workdirs.')
+def _main(argv: list[str]) -> int:
+  parser = ArgumentParser(prog=PROG, description='Convert Hugging Face checkpoints to and from blox workdirs.')
   sub = parser.add_subparsers(dest='command', required=True)
   dtypes = ('float32', 'bfloat16', 'float16')
   a = sub.add_parser('hf-to-blox', help='A Hugging Face directory (config.json + safetensors) -> a blox workdir.')
@@ -225,21 +216,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from blox_scale.interop.families import UnsupportedConfig
   from blox_scale.interop.hf import ConversionError
-  from blox_scale.training.tokenizer import TokenizerError
   try:
     if args.command == 'hf-to-blox':
       hf_to_blox(args.src, args.workdir, args.dtype, args.progress)
     else:
       blox_to_hf(args.workdir, args.dst, args.dtype, args.step, args.max_shard_size, args.progress)
-  except UsageError as e:
-    return _fail([str(e)], 2)
-  except (ConversionError, UnsupportedConfig) as e:
-    return _fail([f'{k}: {what}; {fix}' for k, what, fix in e.problems], 1)
-  except TokenizerError as e:
-    return _fail([str(e)], 2)
-  except (FileNotFoundError, ValueError) as e:
-    return _fail([str(e)], 1)
+  except (ConversionError, UnsupportedConfig) as e:  # every offender, one line each
+    for key, what, fix in e.problems:
+      print(f'{PROG}: error: {key}: {what}; {fix}', file=sys.stderr)
+    return EXIT_FAILURE
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run_cli(PROG, _main, argv)
 
 
 if __name__ == '__main__':
