@@ -139,6 +139,7 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   """-> (model, step, fetch): `fetch(path)` restores that one param of the checkpoint (orbax placeholders
   skip every other array), so an export holds one stacked param at a time, not the model."""
   import jax
+  import numpy as np
   import orbax.checkpoint as ocp
 
   import blox as bx
@@ -150,19 +151,19 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   config = read_config(workdir)
   model = DecoderLM(bx.Graph('lm'), config.model)
   names, leaves, _ = flat_names(jax.eval_shape(model.init, 0))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for n, x in zip(names, leaves)}
+  abstract = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in zip(names, leaves)}
   manager = ocp.CheckpointManager(workdir.absolute() / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
   step = step if step is not None else manager.latest_step()
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f'{workdir / CHECKPOINT_DIR}: no complete checkpoint at step {step} '
                             f'(available: {sorted(manager.all_steps())})')
 
-  def fetch(path: tuple[str, ...]) -> jax.Array:
+  def fetch(path: tuple[str, ...]) -> np.ndarray:
     name = bx.path_to_str(path)
     item = {n: (v if n == name else ocp.PLACEHOLDER) for n, v in abstract.items()}
+    restore_args = {n: (ocp.RestoreArgs(restore_type=np.ndarray) if n == name else ocp.PLACEHOLDER) for n in abstract}
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
+        item, restore_args=restore_args)))  # host NumPy: no device copy
     return restored['params'][name]
 
   return model, step, fetch

@@ -287,8 +287,8 @@ def save(model: DecoderLM, params: bx.Params, out_dir: str | Path, *, max_shard_
     dtype: stored dtype (default: the params' dtype).
     overwrite: replace an existing `out_dir` (else it is an error).
   The directory is written under a temporary name and renamed when complete,
-  so a failed save leaves no partial output. Host memory: one shard plus one
-  layer slice of one param (pulled from the devices when it is written).
+  so a failed save leaves no partial output. Host memory: one layer slice of
+  one param (pulled from the devices when it is written); shards are streamed.
   """
   c = model.config
   missing = sorted(bx.path_to_str(_path(model, n)) for r in family_for_model(c).rules(c) for n in r.blox
@@ -307,7 +307,7 @@ def save_from(model: DecoderLM, fetch: Fetch, out_dir: str | Path, *, max_shard_
   `fetch` is called once per param, in writing order, and its result is
   dropped once that param's tensors are written: a fetch that restores one
   param from a checkpoint (`blox-convert blox-to-hf`) keeps one stacked param
-  (three for GPT-2's fused qkv) plus one shard in host memory.
+  (three for GPT-2's fused qkv) plus one tensor in host memory.
   `dtype` defaults to `model.config.param_dtype`.
   """
   c = model.config
@@ -334,12 +334,13 @@ def save_from(model: DecoderLM, fetch: Fetch, out_dir: str | Path, *, max_shard_
         cache.clear()  # the previous param is written: release it before fetching the next
         cache.update({p: fetch(p) for p in paths})
       parts = tuple(np.asarray(jax.device_get(cache[p][i] if i is not None else cache[p])) for p in paths)
-      yield name, rule.to_hf(parts, c).astype(np_dtype)
+      yield name, rule.to_hf(parts, c).astype(np_dtype, copy=False)
 
   tmp = temp_dir_for(out_dir)
   try:
     (tmp / 'config.json').write_text(json.dumps(hf_config(c, dtype), indent=2) + '\n')
-    st.write(tmp, shards, tensors, progress or (lambda n: None))
+    specs = {name: (rule.hf_shape(c), np_dtype) for name, rule, i in plan}
+    st.write(tmp, shards, specs, tensors, progress or (lambda n: None))
     cache.clear()
     if out_dir.exists():
       shutil.rmtree(out_dir)

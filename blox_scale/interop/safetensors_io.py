@@ -7,7 +7,7 @@ A checkpoint directory holds `model.safetensors`, or shards
 Reading opens the file for each tensor (`safe_open` maps it; closing unmaps
 it), so the pages of tensors already converted do not stay in this process's
 resident set: host memory holds one tensor at a time, not the checkpoint.
-Writing takes tensors one shard at a time from a generator.
+Writing streams: a shard's header first, then its tensors one at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 SINGLE = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
@@ -84,24 +83,48 @@ def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[
   return shards
 
 
-def write(directory: Path, shards: list[list[str]], tensors: Callable[[list[str]], Iterator[tuple[str, np.ndarray]]],
-          progress: Callable[[int], None] = lambda n: None) -> None:
-  """Writes the shards (one file, or N files + index) into an existing `directory`.
+ST_DTYPES = {v: k for k, v in DTYPES.items()}
 
-  `tensors(names)` yields `(name, array)` for one shard's names; each shard is
-  written and released before the next is requested.
+
+def _header(specs: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
+  """The safetensors header for tensors stored back to back in this order (8-byte aligned, as the library writes)."""
+  entries: dict[str, object] = {'__metadata__': {'format': 'pt'}}
+  offset = 0
+  for name, shape, dtype in specs:
+    size = int(np.prod(shape)) * dtype.itemsize
+    entries[name] = {'dtype': ST_DTYPES[dtype], 'shape': list(shape), 'data_offsets': [offset, offset + size]}
+    offset += size
+  text = json.dumps(entries, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)
+  return len(text).to_bytes(8, 'little') + text
+
+
+def write(directory: Path, shards: list[list[str]], specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+          tensors: Callable[[list[str]], Iterator[tuple[str, np.ndarray]]],
+          progress: Callable[[int], None] = lambda n: None) -> None:
+  """Writes the shards (one file, or N files + index) into an existing `directory`, streaming.
+
+  `specs[name] = (shape, dtype)` for every tensor: the header is written
+  first, then `tensors(names)` yields `(name, array)` in `names` order and
+  each array is appended and released, so memory holds one tensor, not a
+  shard. (The safetensors library's `save_file` takes a whole shard; the file
+  format, a JSON header then the raw little-endian bytes back to back, is
+  written here exactly as the format's specification gives it, and the
+  tests read the files back with `safe_open`.)
   """
   total, weight_map = 0, {}
   for k, names in enumerate(shards):
     fname = SINGLE if len(shards) == 1 else f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
-    arrays = {}
-    for name, array in tensors(names):
-      arrays[name] = np.ascontiguousarray(array)
-      total += array.nbytes
-      weight_map[name] = fname
-      progress(array.nbytes)
-    save_file(arrays, str(directory / fname), metadata={'format': 'pt'})
-    del arrays
+    order = [(n, tuple(specs[n][0]), np.dtype(specs[n][1])) for n in names]
+    with open(directory / fname, 'wb') as f:
+      f.write(_header(order))
+      for (name, shape, dtype), (got, array) in zip(order, tensors(names)):
+        if got != name or array.shape != shape or array.dtype != dtype:
+          raise AssertionError(f'{fname}: expected {name} {dtype}{list(shape)}, got {got} {array.dtype}{list(array.shape)}')
+        np.ascontiguousarray(array).tofile(f)  # raw bytes, little-endian on every host JAX supports
+        total += array.nbytes
+        weight_map[name] = fname
+        progress(array.nbytes)
   if len(shards) > 1:
     index = {'metadata': {'total_size': total}, 'weight_map': dict(sorted(weight_map.items()))}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + '\n')
