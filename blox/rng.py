@@ -20,13 +20,14 @@ from blox.module import Module
 from blox.params import Params, path_to_str
 
 
-def _is_key(x: Any) -> bool:
+def is_key(x: Any) -> bool:
+  """True for a typed PRNG key array (or ShapeDtypeStruct): what `Rng` stores as its seed."""
   return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def as_key(seed: Any, where: str = 'seed') -> jax.Array:
   """Turns an int, an integer scalar array or a typed key into a typed key."""
-  if _is_key(seed):
+  if is_key(seed):
     if np.shape(seed) != ():
       raise ValueError(f'{where}: expected a single key, got a key array of shape {np.shape(seed)}.')
     return seed

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blox_scale.parallel.distributed import xla_flags_with_cpu_devices
 from blox_scale.training import data as bd
 from blox_scale.training.checkpoint import Checkpointer
 from blox_scale.training.config import load_config
@@ -103,7 +104,7 @@ def _command(workdir, *overrides):
 
 def _env(devices=1):
   # One CPU device per process (the test session's 8 fake devices are not inherited).
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags_with_cpu_devices(devices, flags='')}
 
 
 def _losses(workdir):

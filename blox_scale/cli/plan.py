@@ -46,22 +46,25 @@ def _ensure_devices(n: int, argv: list[str]) -> None:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax
   from jax._src import xla_bridge
+
+  from blox_scale.parallel.distributed import xla_flags_with_cpu_devices
   if not xla_bridge.backends_are_initialized():
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', n)
-    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-    os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
+    os.environ['XLA_FLAGS'] = xla_flags_with_cpu_devices(n)
     return
   if jax.device_count() != n:
-    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-    os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={n}'])
+    os.environ['XLA_FLAGS'] = xla_flags_with_cpu_devices(n)
     os.execv(sys.executable, [sys.executable, '-m', 'blox_scale.cli.plan', *argv])
 
 
-def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = None,
-         seq_len: int | None = None, grad_accum_steps: int | None = None,
+def plan(cfg: Any, mesh: Any, *, remats: list[str],
          remat_names: tuple[str, ...] = ('attn_out', 'mlp_out')) -> list[PlanRow]:
   """Compiles the train step of `cfg` on `mesh` once per remat policy.
+
+  The batch is `cfg.data`'s (`batch_size` x `seq_len`, `cfg.optimizer.grad_accum_steps`
+  micro-batches; the command line's --batch-size/--seq-len are config overrides);
+  `remat_names` are used for the name-based policies when `cfg.model.remat_names` is empty.
 
   Returns one PlanRow per policy (a policy that fails to compile, e.g.
   host offload on a backend without host memory, gets `error` set).
@@ -75,9 +78,7 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str], batch_size: int | None = Non
 
   rules = sharding.rules_from_config(cfg.mesh)
   optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)  # the trainer's: its state is what training holds
-  b = batch_size or cfg.data.batch_size
-  t = seq_len or cfg.data.seq_len
-  k = grad_accum_steps or cfg.optimizer.grad_accum_steps
+  b, t, k = cfg.data.batch_size, cfg.data.seq_len, cfg.optimizer.grad_accum_steps
   shards = sharding.num_batch_shards(mesh, rules)
   if b % (shards * k):
     raise ValueError(f'data.batch_size={b} must be divisible by the batch shards ({shards}) x '

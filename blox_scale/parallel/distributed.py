@@ -115,8 +115,19 @@ def _force_cpu_devices(count: int) -> None:
           f'{jax.local_device_count()} local devices. Call initialize() before any JAX '
           'computation, or set XLA_FLAGS=--xla_force_host_platform_device_count before starting Python.')
     return
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-  os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={count}'])
+  os.environ['XLA_FLAGS'] = xla_flags_with_cpu_devices(count)
+
+
+def xla_flags_with_cpu_devices(count: int, flags: str | None = None) -> str:
+  """`XLA_FLAGS` asking for `count` fake CPU devices: `flags` (default: the
+  environment's) with any earlier device count replaced and every other flag kept.
+
+  Only takes effect in a process whose JAX backend has not started yet (set
+  it in a child's environment, or before the first JAX computation).
+  """
+  flags = os.environ.get('XLA_FLAGS', '') if flags is None else flags
+  kept = [f for f in flags.split() if 'xla_force_host_platform_device_count' not in f]
+  return ' '.join(kept + [f'--xla_force_host_platform_device_count={count}'])
 
 
 def initialize(cfg: Any = None) -> bool:

@@ -275,11 +275,6 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, batch_spec(ndim, rules))
 
 
-def batch_shardings(batch: Any, mesh: Mesh, rules: Rules) -> Any:
-  """A `NamedSharding` per leaf of a batch pytree (arrays or ShapeDtypeStructs)."""
-  return jax.tree.map(lambda x: batch_sharding(mesh, rules, np.ndim(x) if not hasattr(x, 'ndim') else x.ndim), batch)
-
-
 def num_batch_shards(mesh: Mesh, rules: Rules) -> int:
   """How many ways the batch dim is split (the global batch must divide this)."""
   return _axis_size(mesh, batch_spec(1, rules)[0])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,39 @@ BlockFactory = Callable[[bx.Graph], bx.Module]
 def _describe(tree: Any) -> str:
   leaves = [f'{jnp.dtype(l.dtype).name}{list(np.shape(l))}' for l in jax.tree.leaves(tree)]
   return leaves[0] if len(leaves) == 1 else f'({", ".join(leaves)})'
+
+
+class _Split(NamedTuple):
+  """One stack call's params, split for the scan (`Stack._split_params`)."""
+
+  params: bx.Params  # every param, after the call's one Rng draw
+  outer: dict[Path, bx.Param]  # params outside the block: every layer sees them whole
+  stacked: dict[Path, Any]  # block param values, each [num_layers, ...]
+  layer_static: dict[Path, tuple[bool, bx.Metadata]]  # block params: (trainable, one layer's metadata)
+  key: jax.Array | None  # the call's key from the stack's Rng (None without one)
+  rng_paths: tuple[Path, ...]  # (seed, counter) paths of the stack's Rng, or ()
+
+  def layer_params(self, state: dict[Path, Any], vals: dict[Path, Any], idx: jax.Array) -> bx.Params:
+    """Layer idx's Params: the outer ones with the carried `state` values, the
+    block's from this layer's slice `vals`, and the stack's Rng at seed
+    `fold_in(key, idx)`, counter 0."""
+    data = dict(self.outer)
+    for p, v in state.items():
+      data[p] = self.outer[p].replace(value=v)
+    for p, v in vals.items():
+      data[p] = bx.Param(v, *self.layer_static[p])
+    if self.key is not None:
+      seed_path, counter_path = self.rng_paths
+      data[seed_path] = self.outer[seed_path].replace(value=jax.random.fold_in(self.key, idx))
+      data[counter_path] = self.outer[counter_path].replace(value=jnp.zeros((), jnp.uint32))
+    return bx.Params.from_items(data, locked=self.params.is_locked)
+
+
+class _Plan(NamedTuple):
+  """What the scan moves besides x (`Stack._plan_carry`)."""
+
+  carry: tuple[Path, ...]  # outer params the block updates: scan carry
+  emit: tuple[Path, ...]  # block params the block updates: stacked per-layer outputs
 
 
 def _nested_group_size(nested: bool | int, num_layers: int, where: str) -> int | None:
@@ -173,6 +206,9 @@ class Stack(bx.Module):
     return self.block.graph.path
 
   # -- internals ---------------------------------------------------------------
+  #
+  # A call runs `_run`'s five steps; the first call also runs `_init`. Each
+  # step is a method whose docstring says what it decides and why.
 
   def _is_block(self, path: Path) -> bool:
     n = len(self.block_path)
@@ -196,53 +232,26 @@ class Stack(bx.Module):
           streams.append((path, counter))
     return streams
 
+  # -- init: the block's lazy init, vmapped over layers --------------------------
+
   def _init(self, params: bx.Params, x: Any, xs: Any, per_layer: bool, args: tuple, kwargs: dict) -> bx.Params:
-    """Creates the stacked block params: the block's init vmapped over layers."""
-    where = bx.path_to_str(self.graph.path)
+    """Creates the stacked block params: `_init_layer` vmapped over the layers.
+
+    Every param the block creates comes back with a leading axis of size
+    num_layers and is stored once, with a leading 'layers' logical axis. The
+    whole init is one `jax.jit`: one compilation instead of op-by-op dispatch
+    when called eagerly, and XLA drops the throwaway forward (only the
+    created params are outputs). Inside an outer jit or eval_shape this is
+    simply inlined.
+    """
     if self.rng is not None:
       self.rng.get_seed(params)  # a clear RngNotSeededError before tracing
-    # Every Rng stream outside the block (usually just `rng`) restarts per
-    # layer from a key that depends on the stack's path, not on the counter:
-    # adding a module before the stack must not change the stack's init.
-    salt = jnp.uint32(zlib.crc32(where.encode()))
-    static: dict[Path, tuple[bool, bx.Metadata]] = {}
+    static: dict[Path, tuple[bool, bx.Metadata]] = {}  # (trainable, metadata), filled while tracing
 
     def init_all(params: bx.Params, x: Any, xs: Any) -> dict[Path, Any]:
-      before = dict(params.items())
-      streams = self._rng_streams(before)
-      init_keys = {s: jax.random.fold_in(before[s].value, salt) for s, _ in streams}
-
-      def init_one(i: jax.Array, x_i: Any) -> dict[Path, Any]:
-        data = dict(before)
-        for seed, counter in streams:
-          data[seed] = before[seed].replace(value=jax.random.fold_in(init_keys[seed], i))
-          data[counter] = before[counter].replace(value=jnp.zeros((), jnp.uint32))
-        # A stateful block (BatchNorm) creates its state and updates it in the
-        # same call, on the stack's input rather than the layer's: store the
-        # value each param was created with, not the updated one.
-        with bx.record_created() as created:
-          _, _, out = self._call_block(bx.Params.from_items(data), x, x_i, per_layer, args, kwargs)
-        new = [p for p in out if p not in before]
-        outside = [bx.path_to_str(p) for p in new if not self._is_block(p)]
-        if outside:
-          raise ValueError(
-              f'Stack {where}: the block created params outside its own graph path '
-              f'{bx.path_to_str(self.block_path)}: {outside}. A stacked block may read outer '
-              'params (embeddings, the shared Rng) but must create its own under '
-              'its graph node; create shared params before the stack.'
-          )
-        values = {}
-        for p in new:
-          param = created.get(p, out[p])
-          static[p] = (param.trainable, param.metadata)
-          values[p] = param.value
-        return values
-
+      init_one = self._init_layer(params, x, static, lambda p, x, x_i: self._call_block(p, x, x_i, per_layer, args, kwargs))
       return jax.vmap(init_one)(jnp.arange(self.num_layers, dtype=jnp.int32), xs)
 
-    # jit: one compilation instead of op-by-op dispatch when called eagerly,
-    # and XLA drops the throwaway forward (only the created params are
-    # outputs). Inside an outer jit or eval_shape this is simply inlined.
     values = jax.jit(init_all)(params, x, xs if per_layer else None)
     data = dict(params.items())
     for p, v in values.items():
@@ -250,98 +259,192 @@ class Stack(bx.Module):
       data[p] = bx.Param(v, trainable, stacked_metadata(meta, np.ndim(v) - 1))
     return bx.Params.from_items(data, locked=params.is_locked)
 
+  def _init_layer(self, params: bx.Params, x: Any, static: dict, call: Callable) -> Callable:
+    """`init_one(i, x_i) -> {path: value}`: the params layer `i` creates.
+
+    Randomness: every Rng stream outside the block (usually just the stack's
+    `rng`) restarts for layer i at seed `fold_in(fold_in(seed, crc32(stack
+    path)), i)`, counter 0. Layers start different, and the init depends on
+    the stack's path, not on the counter: adding a module before the stack
+    does not change the stack's init.
+
+    What is stored is the value each param was *created* with
+    (`bx.record_created`): a stateful block (BatchNorm) creates its state
+    and updates it in the same call, here on the stack's input rather than
+    the layer's. Params created outside the block's graph path are an error.
+    """
+    where = bx.path_to_str(self.graph.path)
+    before = dict(params.items())
+    salt = jnp.uint32(zlib.crc32(where.encode()))
+    streams = self._rng_streams(before)
+    init_keys = {s: jax.random.fold_in(before[s].value, salt) for s, _ in streams}
+
+    def init_one(i: jax.Array, x_i: Any) -> dict[Path, Any]:
+      data = dict(before)
+      for seed, counter in streams:
+        data[seed] = before[seed].replace(value=jax.random.fold_in(init_keys[seed], i))
+        data[counter] = before[counter].replace(value=jnp.zeros((), jnp.uint32))
+      with bx.record_created() as created:
+        _, _, out = call(bx.Params.from_items(data), x, x_i)
+      new = [p for p in out if p not in before]
+      outside = [bx.path_to_str(p) for p in new if not self._is_block(p)]
+      if outside:
+        raise ValueError(
+            f'Stack {where}: the block created params outside its own graph path '
+            f'{bx.path_to_str(self.block_path)}: {outside}. A stacked block may read outer '
+            'params (embeddings, the shared Rng) but must create its own under '
+            'its graph node; create shared params before the stack.'
+        )
+      values = {}
+      for p in new:
+        param = created.get(p, out[p])
+        static[p] = (param.trainable, param.metadata)
+        values[p] = param.value
+      return values
+
+    return init_one
+
+  # -- run: split params, plan the carry, build the layer, scan, reassemble -----
+
   def _run(self, params: bx.Params, x: Any, xs: Any, args: tuple, kwargs: dict,
            per_layer: bool = False) -> tuple[tuple[Any, Any], bx.Params]:
-    where = bx.path_to_str(self.graph.path)
-    if not isinstance(params, bx.Params):
-      raise TypeError(f'Stack {where} expected Params as its first argument, got {type(params).__name__}.')
-    x = jax.tree.map(jnp.asarray, x)  # Python scalars become arrays: x is the scan carry
-    if not any(self._is_block(p) for p in params):
-      if params.is_locked:
-        raise bx.ParamsLockedError(
-            f'Stack {where}: no block params under {bx.path_to_str(self.block_path)} and params '
-            'are locked. Run the model once on unlocked params to initialise it.'
-        )
-      params = self._init(params, x, xs, per_layer, args, kwargs)
+    """`((y, ys), params)` of one stack call, in five steps.
 
-    L = self.num_layers
-    stacked = {p: v for p, v in params.items() if self._is_block(p)}
+    1. `_init_if_needed`: the first call creates the stacked params (`_init`).
+    2. `_split_params`: stacked block params (the scan slices them per layer)
+       apart from the outer ones (every layer sees them whole); the call's
+       one Rng draw.
+    3. `_plan_carry`: a shape-only probe trace finds which params the block
+       updates: those become scan carry or per-layer outputs.
+    4. `_layer_fn`: one layer as arrays in, arrays out, under remat.
+    5. `_scan` (or `_loop` when scan=False) runs it; the updated values go
+       back into params.
+    """
+    if not isinstance(params, bx.Params):
+      raise TypeError(f'Stack {bx.path_to_str(self.graph.path)} expected Params as its first argument, '
+                      f'got {type(params).__name__}.')
+    x = jax.tree.map(jnp.asarray, x)  # Python scalars become arrays: x is the scan carry
+    params = self._init_if_needed(params, x, xs, per_layer, args, kwargs)
+    split = self._split_params(params)
+    call = lambda p, x, x_i: self._call_block(p, x, x_i, per_layer, args, kwargs)
+    plan = self._plan_carry(split, call, x, xs)
+    layer = self._layer_fn(split, plan, call)
+    state = {p: split.outer[p].value for p in plan.carry}
+    idx = jnp.arange(self.num_layers, dtype=jnp.int32)
+    run = self._scan if self.scan else self._loop
+    y, state, emitted, ys = run(layer, x, state, split.stacked, idx, xs)
+    return (y, ys), split.params.replace_values({**state, **emitted})
+
+  def _init_if_needed(self, params: bx.Params, x: Any, xs: Any, per_layer: bool, args: tuple,
+                      kwargs: dict) -> bx.Params:
+    """Params with the stacked block params: as given, or created by `_init`.
+
+    The first call on params without block params is the init (lazy, as for
+    every blox module); on locked params that is an error, since locked
+    params must already hold every weight.
+    """
+    if any(self._is_block(p) for p in params):
+      return params
+    if params.is_locked:
+      raise bx.ParamsLockedError(
+          f'Stack {bx.path_to_str(self.graph.path)}: no block params under '
+          f'{bx.path_to_str(self.block_path)} and params are locked. Run the model once on '
+          'unlocked params to initialise it.'
+      )
+    return self._init(params, x, xs, per_layer, args, kwargs)
+
+  def _split_params(self, params: bx.Params) -> _Split:
+    """Splits params into stacked block params and outer ones; draws the call's key.
+
+    Block params are what the scan slices: each must have a leading axis of
+    size num_layers (a per-layer layout, `layer_0/...`, is an error naming
+    `restack`). Layer i sees its slice with the metadata of one layer (the
+    'layers' axis name removed). The stack's Rng is drawn once here, before
+    the split, so the params returned by the call carry its counter + 1.
+    """
+    where = bx.path_to_str(self.graph.path)
+    stacked = {p: q for p, q in params.items() if self._is_block(p)}
     for p, param in stacked.items():
       shape = np.shape(param.value)
-      if not shape or shape[0] != L:
+      if not shape or shape[0] != self.num_layers:
         raise ValueError(
             f'Stack {where}: param {bx.path_to_str(p)} has shape {shape}; every block param '
-            f'needs a leading layer axis of size num_layers={L}, i.e. the same '
+            f'needs a leading layer axis of size num_layers={self.num_layers}, i.e. the same '
             'param for every layer. Per-layer params (layer_0/...) convert with '
             'blox_scale.stacking.layout.restack.'
         )
-    layer_static = {p: (q.trainable, layer_metadata(q.metadata)) for p, q in stacked.items()}
-
-    rng_paths: tuple[Path, ...] = ()
-    key = None
+    key, rng_paths = None, ()
     if self.rng is not None:
       key, params = self.rng(params)  # one draw per stack call
-      seed_path, counter_path = self.rng.param_path('seed'), self.rng.param_path('counter')
-      rng_paths = (seed_path, counter_path)
-    outer = {p: q for p, q in params.items() if not self._is_block(p)}
+      rng_paths = (self.rng.param_path('seed'), self.rng.param_path('counter'))
+    return _Split(
+        params=params,
+        outer={p: q for p, q in params.items() if not self._is_block(p)},
+        stacked={p: q.value for p, q in stacked.items()},
+        layer_static={p: (q.trainable, layer_metadata(q.metadata)) for p, q in stacked.items()},
+        key=key,
+        rng_paths=rng_paths,
+    )
 
-    def layer_params(state: dict, vals: dict, idx: jax.Array) -> dict[Path, bx.Param]:
-      data = dict(outer)
-      for p, v in state.items():
-        data[p] = outer[p].replace(value=v)
-      for p, v in vals.items():
-        data[p] = bx.Param(v, *layer_static[p])
-      if key is not None:
-        data[seed_path] = outer[seed_path].replace(value=jax.random.fold_in(key, idx))
-        data[counter_path] = outer[counter_path].replace(value=jnp.zeros((), jnp.uint32))
-      return data
+  def _plan_carry(self, split: _Split, call: Callable, x: Any, xs: Any) -> _Plan:
+    """Which params the scan carries and which it emits, from one probe trace.
 
-    # Probe trace (abstract, nothing computed): which outer params does the
-    # block update (they become scan carry), which block params (per-layer
-    # outputs)? Unchanged ones are detected by identity and never copied out.
-    carry_candidates = {p: q.value for p, q in outer.items() if p not in rng_paths}
-    changed: dict[str, list[Path]] = {}
+    The rule (docs/stack.md, "What the block updates"): trace one layer on
+    abstract inputs (`jax.eval_shape`: nothing is computed) and compare each
+    param value the block returns with the one it was given, by identity. A
+    blox module returns the very array it received for a param it does not
+    update, and a new one (`set_param`) for one it does. Updated outer
+    params (another Rng's counter) become scan carry; updated block params
+    (BatchNorm statistics) become per-layer outputs. Everything else is
+    closed over or sliced by the scan and never copied out (a stacked copy
+    of unchanged weights would cost a full copy of the model). The probe
+    also checks x's shape and dtype and that the block creates no params.
+    """
+    carry_candidates = {p: q.value for p, q in split.outer.items() if p not in split.rng_paths}
+    changed: dict[str, tuple[Path, ...]] = {}
 
     def probe(x, state, vals, idx, x_i):
-      data = layer_params(state, vals, idx)
-      y, y_i, out = self._call_block(bx.Params.from_items(data, locked=params.is_locked), x, x_i, per_layer, args, kwargs)
+      data = split.layer_params(state, vals, idx)
+      y, _, out = call(data, x, x_i)
       self._check_layer(x, y, data, out)
-      changed['outer'] = [p for p in state if out[p].value is not data[p].value]
-      changed['block'] = [p for p in vals if out[p].value is not data[p].value]
+      changed['carry'] = tuple(p for p in state if out[p].value is not data[p].value)
+      changed['emit'] = tuple(p for p in vals if out[p].value is not data[p].value)
       return y
 
     abstract = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), t)
     slice0 = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), t)
-    vals_all = {p: q.value for p, q in stacked.items()}
-    jax.eval_shape(probe, abstract(x), abstract(carry_candidates), slice0(vals_all),
+    jax.eval_shape(probe, abstract(x), abstract(carry_candidates), slice0(split.stacked),
                    jax.ShapeDtypeStruct((), jnp.int32), slice0(xs))
-    carry_paths, emit_paths = changed['outer'], changed['block']
+    return _Plan(carry=changed['carry'], emit=changed['emit'])
+
+  def _layer_fn(self, split: _Split, plan: _Plan, call: Callable) -> Callable:
+    """One layer, `(x, state, vals, idx, x_i) -> (y, state, emitted, y_i)`, under remat.
+
+    Arrays in and out, not Params: that is what `lax.scan` slices and carries
+    and what `jax.checkpoint` (the stack's remat policy) wraps. `state` holds
+    the carried outer values, `vals` layer idx's slice of the stacked ones;
+    only `plan.carry` and `plan.emit` values come out. A param the probe saw
+    unchanged that changes on this trace is an error (the block's updates
+    depended on trace-time Python state).
+    """
+    where = bx.path_to_str(self.graph.path)
 
     def layer(x, state, vals, idx, x_i):
-      """One layer: arrays in, arrays out (what jax.checkpoint wraps)."""
-      data = layer_params(state, vals, idx)
-      y, y_i, out = self._call_block(bx.Params.from_items(data, locked=params.is_locked), x, x_i, per_layer, args, kwargs)
+      data = split.layer_params(state, vals, idx)
+      y, y_i, out = call(data, x, x_i)
       for p in data:
-        if p not in state and p not in emit_paths and p not in rng_paths and out[p].value is not data[p].value:
+        if p not in state and p not in plan.emit and p not in split.rng_paths and out[p].value is not data[p].value:
           raise RuntimeError(
               f'Stack {where}: the block changed {bx.path_to_str(p)} on one trace but not on '
               'another; its state updates must not depend on trace-time Python state.'
           )
       new_state = {p: out[p].value for p in state}
-      emitted = {p: out[p].value for p in emit_paths}
+      emitted = {p: out[p].value for p in plan.emit}
       return y, new_state, emitted, y_i
 
-    layer = remat_lib.checkpoint(layer, self.remat, self.remat_names, prevent_cse=not self.scan)
-    state = {p: outer[p].value for p in carry_paths}
-    idx = jnp.arange(L, dtype=jnp.int32)
-    if self.scan:
-      y, state, emitted, ys = self._scan(layer, x, state, vals_all, idx, xs)
-    else:
-      y, state, emitted, ys = self._loop(layer, x, state, vals_all, idx, xs)
+    return remat_lib.checkpoint(layer, self.remat, self.remat_names, prevent_cse=not self.scan)
 
-    return (y, ys), params.replace_values({**state, **emitted})
-
-  def _check_layer(self, x: Any, y: Any, data: dict, out: bx.Params) -> None:
+  def _check_layer(self, x: Any, y: Any, data: bx.Params, out: bx.Params) -> None:
     where = bx.path_to_str(self.graph.path)
     same = jax.tree.structure(x) == jax.tree.structure(y) and all(
         np.shape(a) == np.shape(b) and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))

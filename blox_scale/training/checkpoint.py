@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 import blox as bx
+from blox.rng import is_key
 from blox_scale.training.config import CheckpointConfig, Config, merge_into, to_yaml, validate
 
 CONFIG_FILE = 'config.yaml'
@@ -92,10 +93,6 @@ def flat_names(tree: Any) -> tuple[list[str], list[Any], Any]:
   return names, leaves, treedef
 
 
-def _is_key(x: Any) -> bool:
-  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _split_params(names: list[str], leaves: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """Train-state leaves -> ({param name: leaf}, {other name: leaf})."""
   params, rest = {}, {}
@@ -111,7 +108,7 @@ def _to_storable(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
   """Typed keys -> raw uint32 key data; returns (arrays, {name: key impl})."""
   out, impls = {}, {}
   for name, leaf in tree.items():
-    if _is_key(leaf):
+    if is_key(leaf):
       impls[name] = str(jax.random.key_impl(leaf))
       leaf = jax.random.key_data(leaf)
     out[name] = leaf
@@ -123,7 +120,7 @@ def _abstract_storable(tree: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
   out = {}
   for name, leaf in tree.items():
     sharding = getattr(leaf, 'sharding', None)
-    if _is_key(leaf):
+    if is_key(leaf):
       data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
       out[name] = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
     else:

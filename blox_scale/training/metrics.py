@@ -18,12 +18,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from blox_scale.parallel.distributed import is_primary
+
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'loss.png'
-
-
-def is_primary() -> bool:
-  return jax.process_index() == 0
 
 
 def _plain(value: Any) -> Any:
