@@ -67,16 +67,16 @@ class Int8Base(Wrapper):
 
   def __call__(self, params: bx.Params, x: Any, *args: Any, **kwargs: Any) -> tuple[Any, bx.Params]:
     kpath = self.param_path('kernel')
-    stored = params._data.get(kpath)
+    stored = params.get(kpath)
     if stored is None or stored.dtype != jnp.int8:
       return self.inner(params, x, *args, **kwargs)
     scale = params[self.param_path('kernel_scale')].value
     dtype = jnp.dtype(getattr(self.base, 'param_dtype', jnp.float32))
     w = dequantize_array(stored.value, scale, 0, self.in_ndim, dtype)
-    view = params.merge(bx.Params({kpath: stored.replace(value=w)}, params.is_locked))
+    view = params.with_param(kpath, stored.replace(value=w))
     y, out = self.inner(view, x, *args, **kwargs)
     # The int8 param goes back unchanged (identity: a Stack sees no update of it).
-    return y, out.merge(bx.Params({kpath: stored}, out.is_locked))
+    return y, out.with_param(kpath, stored)
 
 
 def add_int8_base(model: Any, targets: tuple[str, ...] = ('*',)) -> list[tuple[str, ...]]:
