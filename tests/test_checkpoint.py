@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import blox as bx
-from blox_scale.training.checkpoint import Checkpointer, flat_names, load_for_inference, save_config
+from blox_scale.training.checkpoint import Checkpointer, flat_names, load_for_inference, restore_params, save_config
 from blox_scale.training.config import CheckpointConfig, Config, MeshConfig, ModelConfig, load_config
 from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
@@ -112,6 +112,11 @@ def test_keep_last_k_and_every_mth(tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [4, 8, 9]
   ckpt.close()
+  # The cadence belongs to the same section: checkpoint.every (0 disables).
+  assert [s for s in (99, 100, 150, 200) if ckpt.should_save(s)] == [100, 200]  # every=100
+  off = Checkpointer(tmp_path / 'off', CheckpointConfig(every=0))
+  assert not off.enabled and not off.should_save(100)
+  off.close()
 
 
 _CRASHING_SAVE = textwrap.dedent('''
@@ -175,5 +180,8 @@ def test_load_for_inference(tmp_path, trained):
     tree_allclose(_host(params), _host(state.params), rtol=0, atol=0)
   logits, _ = lm(params, jnp.zeros((1, 4), jnp.int32))
   assert logits.shape == (1, 4, 256)
+  # The params-only restore that load_for_inference (and conversion) use, from a model or abstract params.
+  tree_allclose(_host(restore_params(tmp_path / 'checkpoints', lm)), _host(state.params), rtol=0, atol=0)
+  tree_allclose(_host(restore_params(tmp_path, jax.eval_shape(lm.init, 0), step=2)), _host(state.params), rtol=0, atol=0)
   with pytest.raises(FileNotFoundError, match='config.yaml'):
     load_for_inference(tmp_path / 'checkpoints' / '2' / 'params' / 'nowhere')

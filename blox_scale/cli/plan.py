@@ -42,7 +42,7 @@ class PlanRow:
 
 
 def _ensure_devices(n: int, argv: list[str]) -> None:
-  """Gives this process `n` fake CPU devices; re-execs if JAX already started."""
+  """Gives this process `n` fake CPU devices; re-execs if JAX already started with another count."""
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax
   from jax._src import xla_bridge
@@ -69,8 +69,7 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
   Returns one PlanRow per policy (a policy that fails to compile, e.g.
   host offload on a backend without host memory, gets `error` set).
   """
-  import blox as bx
-  from blox_scale.models import DecoderLM
+  from blox_scale.models import build_model
   from blox_scale.training.remat_auto import candidate_config
   from blox_scale.parallel import sharding
   from blox_scale.training.optim import make_optimizer
@@ -92,7 +91,7 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
       model_cfg = candidate_config(cfg.model, remat)
     else:
       model_cfg = dataclasses.replace(cfg.model, remat=remat, remat_names=tuple(names), remat_nested=False)
-    model = DecoderLM(bx.Graph('lm'), model_cfg)
+    model = build_model(model_cfg)
     abstract = abstract_train_state(model, optimizer)
     shardings = train_state_shardings(abstract, mesh, rules)
     state = sharding.with_shardings(abstract, shardings)

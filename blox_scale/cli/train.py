@@ -43,13 +43,13 @@ import blox as bx
 from blox_scale.parallel import distributed
 from blox_scale import flops
 from blox_scale.cli.common import ArgumentParser, run_cli
-from blox_scale.training.checkpoint import CONFIG_FILE, Checkpointer, read_config, save_config
-from blox_scale.training.config import Config, ConfigError, load_config, merge_into
+from blox_scale.training.checkpoint import Checkpointer
+from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_config, merge_into, read_config, save_config
 from blox_scale.training.data import build_data, check_corpus, load_tokens
 from blox_scale.training.integrity import all_finite
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
-from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, is_primary, memory_report, plot_losses
-from blox_scale.models import DecoderLM
+from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, memory_report, plot_losses
+from blox_scale.models import DecoderLM, build_model
 from blox_scale.training.optim import make_optimizer
 from blox_scale.training.remat_auto import budget_bytes, candidate_config, choose_remat
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
@@ -110,7 +110,7 @@ def evaluate(eval_step: Any, params: bx.Params, data: Any, mesh: Any, rules: Any
 
 def _abstract_state(cfg: Config) -> Any:
   """The train state `cfg` describes, as ShapeDtypeStructs (nothing allocated or compiled)."""
-  model = DecoderLM(bx.Graph('lm'), cfg.model)
+  model = build_model(cfg.model)
   optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
   return abstract_train_state(model, optimizer, cfg.train.seed)
 
@@ -153,7 +153,7 @@ def train(config: Config) -> int:
 
   # -- 2. distributed -------------------------------------------------------------------------------
   distributed.initialize(cfg.distributed)  # no-op for one process on one machine
-  primary = is_primary()
+  primary = distributed.is_primary()
   log = print if primary else (lambda *a, **k: None)
   check_devices(cfg, jax.device_count())  # the mesh and the batch split, before any compile
 
@@ -167,7 +167,7 @@ def train(config: Config) -> int:
   # model.remat=auto: params and optimizer state do not depend on the policy, so any candidate
   # gives the abstract state; section 7 compiles the candidates and keeps the one that fits.
   auto_remat = cfg.model.remat == 'auto'
-  model = DecoderLM(bx.Graph('lm'), candidate_config(cfg.model, 'full') if auto_remat else cfg.model)
+  model = build_model(candidate_config(cfg.model, 'full') if auto_remat else cfg.model)
   optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
   abstract = abstract_train_state(model, optimizer, cfg.train.seed)
   try:
@@ -222,10 +222,10 @@ def train(config: Config) -> int:
   t0 = time.perf_counter()
   auto_record: dict[str, Any] = {}
   if auto_remat:  # XLA's memory analysis of each candidate, least recomputation first
-    choice = choose_remat(lambda name: lower_step(DecoderLM(bx.Graph('lm'), candidate_config(cfg.model, name))),
+    choice = choose_remat(lambda name: lower_step(build_model(candidate_config(cfg.model, name))),
                           budget_bytes(cfg.model.remat_budget_gib), log=log)
     log(choice.summary())
-    model = DecoderLM(bx.Graph('lm'), candidate_config(cfg.model, choice.remat))
+    model = build_model(candidate_config(cfg.model, choice.remat))
     compiled, auto_record = choice.compiled, choice.record()
   else:
     compiled = lower_step(model).compile()
@@ -286,7 +286,7 @@ def train(config: Config) -> int:
 
   def save(at: int) -> None:
     flush()  # any non-finite step since the last log raises here, before saving
-    if at in saved or not cfg.checkpoint.every:
+    if at in saved or not checkpoints.enabled:
       return
     if not bool(all_finite(state.params)):
       raise NonFiniteError(f'params are not finite at step {at}; not checkpointing them.')
@@ -320,7 +320,7 @@ def train(config: Config) -> int:
         if eval_loss is not None:
           writer.write({'kind': 'eval', 'step': step, 'eval_loss': eval_loss})
           progress.write(f'step {step}: eval loss {eval_loss:.4f}')
-      if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+      if checkpoints.should_save(step) and step < cfg.train.steps:
         paused = throughput.pause()
         save(step)
         throughput.resume(paused)
@@ -333,7 +333,7 @@ def train(config: Config) -> int:
     save(step)
     checkpoints.wait()
     progress.close()
-    if cfg.checkpoint.every:
+    if checkpoints.enabled:
       log(f'saved checkpoint {checkpoints.directory}/{step}')
     if stop_signal or step < cfg.train.steps:
       return EXIT_OK

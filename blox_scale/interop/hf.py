@@ -33,6 +33,7 @@ import numpy as np
 import blox as bx
 from blox_scale.interop import safetensors_io as st
 from blox_scale.interop.families import Family, Rule, UnsupportedConfig, family_for_hf, family_for_model
+from blox_scale.models import build_model
 from blox_scale.models.decoder import DecoderLM
 from blox_scale.parallel.sharding import param_shardings
 from blox_scale.training.config import MeshConfig, ModelConfig
@@ -138,7 +139,7 @@ def _path(model: DecoderLM, name: str) -> tuple[str, ...]:
 
 
 def _build_model(config: ModelConfig) -> tuple[DecoderLM, bx.Params]:
-  model = DecoderLM(bx.Graph('lm'), config)
+  model = build_model(config)
   return model, jax.eval_shape(model.init, 0)
 
 

@@ -2,7 +2,7 @@
 
 Layout of a run's workdir:
 
-    <workdir>/config.yaml                the Config of the run (load_for_inference reads it)
+    <workdir>/config.yaml                the Config of the run (training/config.py writes and reads it)
     <workdir>/checkpoints/<step>/params  the params, one array per '/'-joined path
     <workdir>/checkpoints/<step>/state   the rest of the train state (step, optimizer state)
     <workdir>/checkpoints/<step>/meta    JSON: step, data iterator state, PRNG key impls
@@ -23,6 +23,10 @@ a tmp directory that is never restored (tests/test_checkpoint.py kills one).
 
 Typed PRNG keys (the `Rng` seed inside params) are stored as their raw
 uint32 key data and re-wrapped on restore.
+
+One restore path: `Checkpointer.restore` (the whole train state, for
+training) and `restore_params` (params only, no optimizer: sampling,
+conversion, fine-tuning) both read through `_restore_items`.
 """
 
 from __future__ import annotations
@@ -35,14 +39,16 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-import yaml
 
 import blox as bx
 from blox.rng import is_key
-from blox_scale.training.config import CheckpointConfig, Config, merge_into, to_yaml, validate
+from blox_scale.models import build_model
+from blox_scale.training.config import CONFIG_FILE, CheckpointConfig, Config, read_config, save_config
 
-CONFIG_FILE = 'config.yaml'
 CHECKPOINT_DIR = 'checkpoints'
+PARAMS = 'params'  # the train state's params field, and the checkpoint item that holds them
+
+__all__ = ['Checkpointer', 'restore_params', 'load_for_inference', 'flat_names', 'save_config', 'read_config']
 
 
 class CheckpointSaveError(RuntimeError):
@@ -94,11 +100,12 @@ def flat_names(tree: Any) -> tuple[list[str], list[Any], Any]:
 
 
 def _split_params(names: list[str], leaves: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Train-state leaves -> ({param name: leaf}, {other name: leaf})."""
+  """Train-state leaves -> ({param name: leaf}, {other name: leaf}); the one place 'params/' is stripped."""
   params, rest = {}, {}
+  prefix = PARAMS + '/'
   for name, leaf in zip(names, leaves):
-    if name.startswith('params/'):
-      params[name[len('params/'):]] = leaf
+    if name.startswith(prefix):
+      params[name[len(prefix):]] = leaf
     else:
       rest[name] = leaf
   return params, rest
@@ -191,6 +198,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  @property
+  def enabled(self) -> bool:
+    """False with `checkpoint.every=0` (e.g. benchmarks): nothing is ever saved."""
+    return self.cfg.every > 0
+
+  def should_save(self, step: int) -> bool:
+    """The cadence `checkpoint.every`: True at every multiple of it (never when disabled)."""
+    return self.enabled and step % self.cfg.every == 0
+
   def save(self, step: int, train_state: Any, data_state: dict[str, Any] | None = None) -> None:
     """Starts an (async) save of `train_state` at `step`; returns once arrays are copied off device.
 
@@ -200,7 +216,7 @@ class Checkpointer:
     params, rest = _split_params(names, leaves)
     params, impls = _to_storable(params)
     rest, rest_impls = _to_storable(rest)
-    meta = {'step': int(step), 'data': data_state, 'key_impls': {**{f'params/{k}': v for k, v in impls.items()}, **rest_impls}}
+    meta = {'step': int(step), 'data': data_state, 'key_impls': {**{f'{PARAMS}/{k}': v for k, v in impls.items()}, **rest_impls}}
     self.check()  # an earlier failed save is reported, not buried under this one
     try:
       self.manager.save(int(step), args=ocp.args.Composite(
@@ -225,18 +241,8 @@ class Checkpointer:
     """
     names, leaves, treedef = flat_names(abstract_state)
     params, rest = _split_params(names, leaves)
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract_storable(params)),
-        state=ocp.args.StandardRestore(_abstract_storable(rest)),
-        meta=ocp.args.JsonRestore(),
-    ))
-    meta = restored['meta']
-    impls = meta.get('key_impls', {})
-    params_out = _from_storable(dict(restored['params']), {k[len('params/'):]: v for k, v in impls.items() if k.startswith('params/')})
-    rest_out = _from_storable(dict(restored['state']), impls)
-    _check_names(set(params), set(params_out), 'params', step, self.directory)
-    _check_names(set(rest), set(rest_out), 'state', step, self.directory)
-    values = [params_out[n[len('params/'):]] if n.startswith('params/') else rest_out[n] for n in names]
+    (params_out, rest_out), meta = _restore_items(self.manager, step, params, rest)
+    values = [params_out[n[len(PARAMS) + 1:]] if n.startswith(PARAMS + '/') else rest_out[n] for n in names]
     return jax.tree_util.tree_unflatten(treedef, values), meta.get('data')
 
   def wait(self) -> None:
@@ -253,32 +259,77 @@ class Checkpointer:
     self.manager.close()
 
 
-def _check_names(wanted: set[str], got: set[str], item: str, step: int, directory: Path) -> None:
-  if wanted != got:
-    missing, extra = sorted(wanted - got), sorted(got - wanted)
-    raise ValueError(f'Checkpoint {directory}/{step}/{item} does not match the model: missing {missing[:5]}, '
-                     f'unexpected {extra[:5]}. Was it written by a different config?')
+def _restore_items(manager: ocp.CheckpointManager, step: int, params: dict[str, Any],
+                   rest: dict[str, Any] | None = None) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, Any]]:
+  """Reads `params` (and, unless None, the other train-state leaves `rest`) of checkpoint `step`.
+
+  params/rest: {name: abstract leaf with its target sharding}. Returns
+  `((params, rest), meta)` as {name: array}, typed keys re-wrapped; a name
+  missing from the checkpoint or left over in it is an error.
+  """
+  items = {PARAMS: params} if rest is None else {PARAMS: params, 'state': rest}
+  restored = manager.restore(int(step), args=ocp.args.Composite(
+      **{item: ocp.args.StandardRestore(_abstract_storable(tree)) for item, tree in items.items()},
+      meta=ocp.args.JsonRestore()))
+  meta = restored['meta']
+  impls = meta.get('key_impls', {})
+  params_impls, state_impls = _split_params(list(impls), list(impls.values()))
+  out = {PARAMS: _from_storable(dict(restored[PARAMS]), params_impls)}
+  if rest is not None:
+    out['state'] = _from_storable(dict(restored['state']), state_impls)
+  for item, tree in items.items():
+    wanted, got = set(tree), set(out[item])
+    if wanted != got:
+      missing, extra = sorted(wanted - got), sorted(got - wanted)
+      raise ValueError(f'Checkpoint {manager.directory}/{step}/{item} does not match the model: missing {missing[:5]}, '
+                       f'unexpected {extra[:5]}. Was it written by a different config?')
+  return (out[PARAMS], out.get('state', {})), meta
 
 
 # -----------------------------------------------------------------------------
-# Config and inference loading
+# Params only: inference, conversion
 # -----------------------------------------------------------------------------
 
 
-def save_config(workdir: str | Path, config: Config) -> None:
-  """Writes `<workdir>/config.yaml` (primary process only)."""
-  path = Path(workdir) / CONFIG_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.yaml.tmp')
-  tmp.write_text(to_yaml(config))
-  tmp.replace(path)  # atomic: a reader never sees half a file
+def _locate(path: Path) -> tuple[Path, int | None]:
+  """`path` may be a workdir, its checkpoints/ dir, or one step dir -> (checkpoints dir, step or None)."""
+  path = path.absolute()
+  if (path / CHECKPOINT_DIR).is_dir():
+    return path / CHECKPOINT_DIR, None
+  if path.name == CHECKPOINT_DIR:
+    return path, None
+  if path.parent.name == CHECKPOINT_DIR and path.name.isdigit():
+    return path.parent, int(path.name)
+  raise FileNotFoundError(f'No {CHECKPOINT_DIR}/ at {path}: pass a run workdir (the train.workdir of the run), '
+                          'its checkpoints/ directory or one step directory.')
 
 
-def read_config(workdir: str | Path) -> Config:
-  path = Path(workdir) / CONFIG_FILE
-  config = merge_into(Config(), yaml.safe_load(path.read_text()))
-  validate(config, files=False)  # the run's data may have moved since; sampling does not read it
-  return config
+def restore_params(path: str | Path, target: Any, step: int | None = None) -> Any:
+  """Params only (no optimizer state) of a checkpoint.
+
+  path: a run workdir, its checkpoints/ dir, or one step dir.
+  target: the abstract params (`jax.ShapeDtypeStruct`s; a leaf's `sharding`,
+    if set, is where it is placed, else this process's first device), or a
+    model with `init(seed)` (e.g. `build_model(config.model)`).
+  step: defaults to the step dir given as `path`, else the latest complete
+    checkpoint.
+  """
+  directory, step_from_path = _locate(Path(path))
+  abstract = jax.eval_shape(target.init, 0) if hasattr(target, 'init') else target
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None) or device), abstract)
+  # Not read_only=True: that only adds warnings; this manager never saves.
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = step if step is not None else step_from_path if step_from_path is not None else manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No complete checkpoint in {directory}.')
+    names, leaves, treedef = flat_names(abstract)
+    (values, _), _ = _restore_items(manager, step, dict(zip(names, leaves)))
+  finally:
+    manager.close()
+  return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
 
 
 def find_workdir(path: str | Path) -> tuple[Path, int | None]:
@@ -294,29 +345,12 @@ def find_workdir(path: str | Path) -> tuple[Path, int | None]:
 def load_for_inference(path: str | Path, step: int | None = None) -> tuple[Config, Any, Any]:
   """`(config, model, params)` from a run's workdir, on this process's first device.
 
-  Restores the params only (no optimizer state). `step` defaults to the
-  latest complete checkpoint (or the step dir given as `path`).
+  The model is `build_model(config.model)`; the params come from
+  `restore_params` (no optimizer state). `step` defaults to the latest
+  complete checkpoint (or the step dir given as `path`).
   """
-  from blox_scale.models import DecoderLM
-
   workdir, step_from_path = find_workdir(Path(path))
   config = read_config(workdir)
-  model = DecoderLM(bx.Graph('lm'), config.model)
-  abstract = jax.eval_shape(model.init, config.train.seed)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  # Not read_only=True: that only adds warnings; this manager never saves.
-  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
-  step = step if step is not None else step_from_path if step_from_path is not None else manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'No complete checkpoint in {workdir / CHECKPOINT_DIR}.')
-  names, leaves, treedef = flat_names(abstract)
-  wanted = dict(zip(names, leaves))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract_storable(wanted)), meta=ocp.args.JsonRestore()))
-  impls = {k[len('params/'):]: v for k, v in restored['meta'].get('key_impls', {}).items() if k.startswith('params/')}
-  values = _from_storable(dict(restored['params']), impls)
-  _check_names(set(names), set(values), 'params', step, workdir / CHECKPOINT_DIR)
-  manager.close()
-  params = jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])
+  model = build_model(config.model)
+  params = restore_params(workdir, model, step if step is not None else step_from_path)
   return config, model, params

@@ -329,6 +329,30 @@ def validate(config: Config, files: bool = True) -> None:
   check_config(config, files)
 
 
+# -----------------------------------------------------------------------------
+# A run's config file
+# -----------------------------------------------------------------------------
+
+CONFIG_FILE = 'config.yaml'
+
+
+def save_config(workdir: str | Path, config: Config) -> None:
+  """Writes `<workdir>/config.yaml` (primary process only), atomically: a reader never sees half a file."""
+  path = Path(workdir) / CONFIG_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.yaml.tmp')
+  tmp.write_text(to_yaml(config))
+  tmp.replace(path)
+
+
+def read_config(workdir: str | Path) -> Config:
+  """The `Config` a run wrote to `<workdir>/config.yaml` (read like any preset: strict, validated).
+
+  Paths are not checked: the run's data may have moved since, and sampling does not read it.
+  """
+  return load_config(Path(workdir) / CONFIG_FILE, files=False)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
   """Plain nested dict (tuples as lists), e.g. to write config.yaml."""
   out = {}

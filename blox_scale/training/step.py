@@ -19,9 +19,11 @@ sees the trainable params only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import optax
@@ -134,7 +136,7 @@ def _split_micro(batch: Batch, k: int) -> Batch:
     if b % k:
       raise ValueError(f'grad_accum_steps={k} does not divide the batch size {b}; '
                        'set optimizer.grad_accum_steps to a divisor of data.batch_size.')
-    return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+    return einops.rearrange(x, '(rows k) ... -> k rows ...', k=k)
   return jax.tree.map(split, batch)
 
 
@@ -144,6 +146,48 @@ def _learning_rate(opt_state: Any) -> jax.Array | None:
     return optax.tree_utils.tree_get(opt_state, 'learning_rate')
   except (KeyError, ValueError, TypeError):
     return None
+
+
+def _loss_and_grad(model: Any, grad_shardings: bx.Params, trainable: bx.Params, rest: bx.Params, batch: Batch):
+  """-> (loss, metrics, grads placed as `grad_shardings`, updated non-trainable params, token weight)."""
+  def loss_fn(t: bx.Params):
+    loss, (metrics, params) = model.loss(t.merge(rest), batch, is_training=True)
+    return loss, (metrics, params)
+  (loss, (metrics, params)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  # Gradients live in their param's shards: XLA then reduce-scatters them
+  # instead of all-reducing whole gradients (and the accumulator stays sharded).
+  grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+  _, new_rest = params.split()  # non-trainable state the model updated (RNG counters, ...)
+  weight = jnp.asarray(metrics.get('tokens', 1.0), jnp.float32)
+  return loss, metrics, grads, new_rest, weight
+
+
+def _accumulated_loss_and_grad(loss_and_grad: Callable, k: int, batch_shardings: Any, grad_shardings: bx.Params,
+                               trainable: bx.Params, rest: bx.Params, batch: Batch):
+  """`loss_and_grad` over k micro-batches in a `lax.scan`, averaged weighted by token counts.
+
+  -> (loss, metrics, grads, updated non-trainable params); 'tokens' is summed.
+  """
+  micro = _split_micro(batch, k)
+
+  def body(carry, mb):
+    grad_sum, rest, loss_sum, metric_sums, weight_sum = carry
+    mb = jax.lax.with_sharding_constraint(mb, batch_shardings)
+    loss, metrics, grads, rest, w = loss_and_grad(trainable, rest, mb)
+    grad_sum = jax.tree.map(lambda a, g: a + w * g, grad_sum, grads)
+    metric_sums = {n: metric_sums[n] + (metrics[n] if n == 'tokens' else w * metrics[n]) for n in metric_sums}
+    return (grad_sum, rest, loss_sum + w * loss, metric_sums, weight_sum + w), None
+
+  # The metric names are only known after tracing the model once.
+  first = jax.tree.map(lambda x: x[0], micro)
+  _, metrics_shape, _, _, _ = jax.eval_shape(loss_and_grad, trainable, rest, first)
+  zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, trainable), grad_shardings)
+  metric_zeros = {n: jnp.zeros((), jnp.float32) for n in metrics_shape}
+  carry = (zeros, rest, jnp.zeros((), jnp.float32), metric_zeros, jnp.zeros((), jnp.float32))
+  (grad_sum, rest, loss_sum, metric_sums, weight_sum), _ = jax.lax.scan(body, carry, micro)
+  grads = jax.tree.map(lambda g: g / weight_sum, grad_sum)
+  metrics = {n: (v if n == 'tokens' else v / weight_sum) for n, v in metric_sums.items()}
+  return loss_sum / weight_sum, metrics, grads, rest
 
 
 def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules,
@@ -179,41 +223,9 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
   if grad_accum_steps < 1:
     raise ValueError(f'grad_accum_steps must be >= 1, got {grad_accum_steps}.')
   k = grad_accum_steps
-  # Gradients (and the accumulator) live in their param's shards: XLA then
-  # reduce-scatters them instead of all-reducing whole gradients.
-  grad_shardings, _ = state_shardings.params.split()
-
-  def loss_and_grad(trainable: bx.Params, rest: bx.Params, batch: Batch):
-    def loss_fn(t: bx.Params):
-      loss, (metrics, params) = model.loss(t.merge(rest), batch, is_training=True)
-      return loss, (metrics, params)
-    (loss, (metrics, params)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-    _, new_rest = params.split()  # non-trainable state the model updated (RNG counters, ...)
-    weight = jnp.asarray(metrics.get('tokens', 1.0), jnp.float32)
-    return loss, metrics, grads, new_rest, weight
-
-  def accumulate(trainable: bx.Params, rest: bx.Params, batch: Batch):
-    micro = _split_micro(batch, k)
-
-    def body(carry, mb):
-      grad_sum, rest, loss_sum, metric_sums, weight_sum = carry
-      mb = jax.lax.with_sharding_constraint(mb, batch_shardings)
-      loss, metrics, grads, rest, w = loss_and_grad(trainable, rest, mb)
-      grad_sum = jax.tree.map(lambda a, g: a + w * g, grad_sum, grads)
-      metric_sums = {n: metric_sums[n] + (metrics[n] if n == 'tokens' else w * metrics[n]) for n in metric_sums}
-      return (grad_sum, rest, loss_sum + w * loss, metric_sums, weight_sum + w), None
-
-    # The metric names are only known after tracing the model once.
-    first = jax.tree.map(lambda x: x[0], micro)
-    _, metrics_shape, _, _, _ = jax.eval_shape(loss_and_grad, trainable, rest, first)
-    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, trainable), grad_shardings)
-    metric_zeros = {n: jnp.zeros((), jnp.float32) for n in metrics_shape}
-    carry = (zeros, rest, jnp.zeros((), jnp.float32), metric_zeros, jnp.zeros((), jnp.float32))
-    (grad_sum, rest, loss_sum, metric_sums, weight_sum), _ = jax.lax.scan(body, carry, micro)
-    grads = jax.tree.map(lambda g: g / weight_sum, grad_sum)
-    metrics = {n: (v if n == 'tokens' else v / weight_sum) for n, v in metric_sums.items()}
-    return loss_sum / weight_sum, metrics, grads, rest
+  grad_shardings, _ = state_shardings.params.split()  # gradients are trainable-param-shaped
+  loss_and_grad = functools.partial(_loss_and_grad, model, grad_shardings)
+  accumulate = functools.partial(_accumulated_loss_and_grad, loss_and_grad, k, batch_shardings, grad_shardings)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with use_mesh_rules(mesh, rules):
