@@ -100,7 +100,7 @@ def flat_names(tree: Any) -> tuple[list[str], list[Any], Any]:
 
 
 def _split_params(names: list[str], leaves: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Train-state leaves -> ({param name: leaf}, {other name: leaf}); the one place 'params/' is stripped."""
+  """Train-state leaves -> ({param name: leaf}, {other name: leaf}): with `_join_params`, the one place of 'params/'."""
   params, rest = {}, {}
   prefix = PARAMS + '/'
   for name, leaf in zip(names, leaves):
@@ -109,6 +109,11 @@ def _split_params(names: list[str], leaves: list[Any]) -> tuple[dict[str, Any], 
     else:
       rest[name] = leaf
   return params, rest
+
+
+def _join_params(params: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of `_split_params`."""
+  return {**{f'{PARAMS}/{k}': v for k, v in params.items()}, **rest}
 
 
 def _to_storable(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -216,7 +221,7 @@ class Checkpointer:
     params, rest = _split_params(names, leaves)
     params, impls = _to_storable(params)
     rest, rest_impls = _to_storable(rest)
-    meta = {'step': int(step), 'data': data_state, 'key_impls': {**{f'{PARAMS}/{k}': v for k, v in impls.items()}, **rest_impls}}
+    meta = {'step': int(step), 'data': data_state, 'key_impls': _join_params(impls, rest_impls)}
     self.check()  # an earlier failed save is reported, not buried under this one
     try:
       self.manager.save(int(step), args=ocp.args.Composite(
@@ -242,8 +247,8 @@ class Checkpointer:
     names, leaves, treedef = flat_names(abstract_state)
     params, rest = _split_params(names, leaves)
     (params_out, rest_out), meta = _restore_items(self.manager, step, params, rest)
-    values = [params_out[n[len(PARAMS) + 1:]] if n.startswith(PARAMS + '/') else rest_out[n] for n in names]
-    return jax.tree_util.tree_unflatten(treedef, values), meta.get('data')
+    values = _join_params(params_out, rest_out)
+    return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names]), meta.get('data')
 
   def wait(self) -> None:
     """Blocks until background saves are committed; CheckpointSaveError if one failed."""
