@@ -88,6 +88,32 @@ def test_short_sharding_tuple_is_stored_as_given_and_shards_like_a_partition_spe
   assert mu.spec == P('tensor', None)
 
 
+def test_short_sharding_tuple_in_a_stack_gains_the_leading_layers_axis():
+  import blox_scale as bs
+  from blox_scale.parallel import sharding
+  from blox_scale.training.config import MeshConfig
+  graph = bx.Graph('net')
+  rng = bx.Rng(graph.child('rng'))
+
+  class Block(bx.Module):
+    def __init__(self, g):
+      super().__init__(g)
+      self.lin = bx.Linear(g.child('lin'), 8, rng, kernel_metadata={'sharding': ('mlp',)})
+
+    def __call__(self, params, x):
+      y, params = self.lin(params, x)
+      return x + y, params
+
+  stack = bs.Stack(graph.child('stack'), Block, 2, rng=rng)
+  params = rng.seed(bx.Params(), seed=0)
+  _, params = jax.eval_shape(stack, params, jnp.ones((2, 8)))
+  path = stack.block.graph.path + ('lin', 'kernel')
+  assert params[path].shape == (2, 8, 8) and params[path].sharding == ('layers', 'mlp')
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+  shardings = sharding.param_shardings(params, mesh, sharding.rules_from_config(MeshConfig()))
+  assert shardings[path].value.spec == P(None, 'tensor', None)  # ('layers', 'mlp', None)
+
+
 def test_sharding_tuple_longer_than_rank_is_an_error_naming_the_param():
   graph = bx.Graph('net')
   lin = bx.Linear(graph.child('lin'), 4, None, kernel_metadata={'sharding': (None, 'model', 'extra')})
