@@ -137,11 +137,11 @@ def _tp_mlp():
     y, params = down(params, jax.nn.relu(h))
     return y, params
 
-  return rng, mlp
+  return rng, mlp, up
 
 
 def test_column_then_row_parallel_linear_in_shard_map_equals_single_device_mlp():
-  rng, mlp = _tp_mlp()
+  rng, mlp, _ = _tp_mlp()
   x = jax.random.normal(jax.random.key(1), (4, 8))
   params = rng.seed(bx.Params(), seed=0)
   _, params = mlp(params, x)
@@ -174,7 +174,7 @@ def test_column_then_row_parallel_linear_in_shard_map_equals_single_device_mlp()
 
 
 def test_shape_mismatch_in_shard_map_not_explained_by_sharding_stays_an_error():
-  rng, mlp = _tp_mlp()
+  rng, mlp, up = _tp_mlp()
   params = rng.seed(bx.Params(), seed=0)
   _, params = mlp(params, jnp.ones((4, 8)))
   trainable, _ = params.locked().split()
@@ -186,6 +186,16 @@ def test_shape_mismatch_in_shard_map_not_explained_by_sharding_stays_an_error():
     f(trainable, jnp.ones((4, 12)))
   with pytest.raises(bx.ParamMismatchError, match=r'mlp/up/kernel exists with shape \(8, 16\)'):
     mlp(params.locked(), jnp.ones((4, 12)))  # outside shard_map: strict as always
+  # set_param stores what it gets: inside shard_map a global-shaped value for a sharded param is wrong.
+  is_param = lambda p: isinstance(p, bx.Param)
+  up_params = trainable.filter(prefix=('mlp', 'up'))
+  specs = jax.tree.map(lambda p: p.replace(value=P(*p.sharding)), up_params, is_leaf=is_param)
+  placed = jax.device_put(up_params, jax.tree.map(lambda p: p.replace(value=NamedSharding(mesh, p.value)),
+                                                  specs, is_leaf=is_param))
+  g = jax.shard_map(lambda tr: up.set_param(tr, 'kernel', jnp.zeros((8, 16))), mesh=mesh, in_specs=(specs,),
+                    out_specs=specs, check_vma=False)
+  with pytest.raises(bx.ParamMismatchError, match=r'exists with shape \(8, 2\) but was set_param with shape \(8, 16\)'):
+    g(placed)
 
 
 # -- error wording: jax-blox's sentence first, then blox's path, values and fix -----------------
