@@ -434,3 +434,10 @@ def test_sharding_errors_name_slash_paths_unambiguously():
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
   with pytest.raises(ValueError, match=r"Param model%2Fv1/w: dimension 0 \('mlp', size 6\) is not divisible"):
     sharding.param_shardings(params, mesh, sharding.rules_from_config(MeshConfig()))
+
+
+def test_lora_path_patterns_read_slash_names_like_path_to_str():
+  from blox_scale.finetune.wrap import path_matches
+  path = ('lm', 'encoder/decoder', 'q', 'kernel')
+  assert path_matches(path, 'encoder%2Fdecoder/q') and path_matches(path, bx.path_to_str(path[1:3]))
+  assert not path_matches(path, 'encoder/decoder/q')  # three names, not the two of this path

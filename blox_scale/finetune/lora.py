@@ -77,7 +77,7 @@ class LoRA(Wrapper):
   def __init__(self, inner: bx.Module, rank: int, alpha: float, dropout_rate: float = 0.0,
                rng: bx.Rng | None = None, param_dtype: Any = jnp.float32) -> None:
     super().__init__(inner)
-    where = '/'.join(self.graph.path)
+    where = bx.path_to_str(self.graph.path)
     if not isinstance(rank, int) or rank < 1:
       raise ValueError(f'LoRA {where}: rank={rank!r} must be an int >= 1 (finetune.lora.rank).')
     if not 0.0 <= dropout_rate < 1.0:
@@ -125,7 +125,7 @@ def add_lora(model: Any, targets: Sequence[str], rank: int, alpha: float, dropou
   `init_new_params` (pretrained weights) or `model.init` (from scratch).
   """
   chosen = select(model, targets, 'finetune.lora.targets')
-  already = ['/'.join(p) for p, m in chosen if find_wrapper(m, LoRA)]
+  already = [bx.path_to_str(p) for p, m in chosen if find_wrapper(m, LoRA)]
   if already:
     raise ValueError(f'LoRA is already applied to {already}; call add_lora once per model.')
   for _, module in chosen:

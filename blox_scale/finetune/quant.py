@@ -100,7 +100,7 @@ def quantize(model: Any, params: bx.Params) -> bx.Params:
       continue
     kpath, spath = module.param_path('kernel'), module.param_path('kernel_scale')
     if kpath not in data:
-      raise KeyError(f"quantize: no kernel at {'/'.join(kpath)}; create or load the params first.")
+      raise KeyError(f"quantize: no kernel at {bx.path_to_str(kpath)}; create or load the params first.")
     kernel = data[kpath]
     if kernel.dtype == jnp.int8:
       continue

@@ -10,7 +10,8 @@ block wraps it in every layer, and the wrapper's params are created by the
 stack's vmapped init with the leading layer axis, like every block param.
 
 Path patterns (`attn/q`, `mlp/*`, `layers/block/attn`): '/'-separated
-segments, each an `fnmatch` pattern; a pattern matches a path when its
+segments (read by `bx.str_to_path`: `%2F` is a '/' inside one graph name),
+each an `fnmatch` pattern; a pattern matches a path when its
 segments match a contiguous run of the path's names (so `attn/q` matches
 `lm/layers/block/attn/q` and `mlp/*` matches `.../mlp/wi_gate/kernel`).
 A projection is selected when its own path matches (or a pattern names one
@@ -30,7 +31,7 @@ from blox_scale.nn.projection import Projection
 
 def path_matches(path: Path, pattern: str) -> bool:
   """True when the segments of `pattern` match a contiguous run of `path`."""
-  parts = [p for p in pattern.strip('/').split('/') if p]
+  parts = [p for p in bx.str_to_path(pattern.strip('/')) if p]  # '%2F' is a '/' inside one name
   if not parts:
     raise ValueError(f'Empty path pattern {pattern!r}: give names such as attn/q or mlp/*.')
   n = len(parts)
@@ -123,7 +124,7 @@ def select(model: Any, patterns: Sequence[str], what: str) -> list[tuple[Path, b
   found = list(projections(model))
   unmatched = [p for p in patterns if not any(path_matches(path, p) for path, _ in found)]
   if unmatched:
-    names = sorted({'/'.join(path[-2:]) for path, _ in found})
+    names = sorted({bx.path_to_str(path[-2:]) for path, _ in found})
     raise ValueError(f'{what}: pattern(s) {unmatched} match no projection of the model. Projections '
                      f'(bx.Linear or bs.nn.Projection modules) end in: {", ".join(names) or "none"}.')
   return [(path, m) for path, m in found if matches_any(path, patterns)]
@@ -135,7 +136,7 @@ def _owner(module: bx.Module) -> bx.Module:
   while node is not None and node.module is None:
     node = node.parent
   if node is None:
-    raise ValueError(f"Cannot wrap {'/'.join(module.graph.path)}: it has no parent module holding it.")
+    raise ValueError(f"Cannot wrap {bx.path_to_str(module.graph.path)}: it has no parent module holding it.")
   return node.module
 
 
@@ -183,7 +184,7 @@ def wrap_outermost(module: bx.Module, make: Any) -> bx.Module:
   if not _replace_reference(owner, module, new):
     module.graph._module = module
     raise ValueError(
-        f"Cannot wrap {'/'.join(module.graph.path)}: its parent {type(owner).__name__} does not hold it "
+        f"Cannot wrap {bx.path_to_str(module.graph.path)}: its parent {type(owner).__name__} does not hold it "
         'as an attribute (or in a list/tuple/dict attribute). Keep sub-modules as attributes of the '
         'module that calls them.')
   return new
