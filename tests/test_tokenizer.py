@@ -327,3 +327,13 @@ def test_sample_from_a_hugging_face_directory_with_its_own_tokenizer(tmp_path, c
   (hf_dir / 'tokenizer.json').unlink()
   assert sample.main(['--hf', str(hf_dir), '--prompt', 'w1']) == 2
   assert 'holds neither tokenizer.json nor tokenizer.model' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_docs_tokenizer_snippet_runs(tmp_path, monkeypatch):
+  import re
+  [snippet] = re.findall(r'```python\n(.*?)```', (REPO / 'docs' / 'training.md').read_text(), flags=re.S)
+  monkeypatch.chdir(tmp_path)
+  exec(compile(snippet, 'docs/training.md', 'exec'), {})
+  tok = tk.get_tokenizer('runs/tok/tokenizer.json')
+  assert tok.vocab_size == 1024 and tok.eos_id == 0 and tok.decode(tok.encode(TEXT)) == TEXT

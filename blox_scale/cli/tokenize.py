@@ -120,7 +120,7 @@ def tokenize_files(files: Sequence[str], spec: str, output: str | Path, *, worke
   """
   from tqdm import tqdm
 
-  from blox_scale.training.data import write_token_meta
+  from blox_scale.training.data import token_meta_path, write_token_meta
   from blox_scale.training.tokenizer import get_tokenizer, token_dtype
 
   tokenizer = get_tokenizer(spec, key='--tokenizer')
@@ -150,6 +150,7 @@ def tokenize_files(files: Sequence[str], spec: str, output: str | Path, *, worke
         bar.update(piece.stop - piece.start)
     if num_tokens == 0:
       raise UsageError(f'{files[0]}: the inputs hold no text (0 tokens); give non-empty files')
+    token_meta_path(output).unlink(missing_ok=True)  # a stale sidecar must never describe the new file
     tmp.replace(output)
   finally:
     bar.close()
