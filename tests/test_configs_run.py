@@ -38,10 +38,20 @@ def shrink(path: Path, workdir: Path) -> list[str]:
   ]
 
 
+FINETUNE_OFF = ['finetune.init_from=', 'finetune.lora.rank=0', 'finetune.quant=none', 'finetune.base_dtype=',
+                'finetune.freeze=[]']
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('path', PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_runs_one_step(path, tmp_path):
-  config = load_config(path, shrink(path, tmp_path))
+  overrides = shrink(path, tmp_path)
+  if load_config(path).finetune.init_from:  # a fine-tuning preset starts from a (shrunk) run of its base
+    source = tmp_path / 'source'
+    base = [o for o in shrink(path, source) if not o.startswith('checkpoint.every')]
+    assert train(load_config(path, base + FINETUNE_OFF + ['checkpoint.every=1'])) == 0
+    overrides += [f'finetune.init_from={source}']
+  config = load_config(path, overrides)
   assert train(config) == 0
   [record] = read_metrics(tmp_path, 'train')
   assert record['step'] == 1 and record['loss'] > 0

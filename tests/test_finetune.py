@@ -248,3 +248,26 @@ def test_patterns_and_errors(base):
     ft.add_lora(bs.DecoderLM(bx.Graph('lm'), CFG), ['atn/q'], rank=2, alpha=2)
   with pytest.raises(ValueError, match='rank=0'):
     ft.add_lora(bs.DecoderLM(bx.Graph('lm'), CFG), ['attn/q'], rank=0, alpha=2)
+
+
+def test_lora_step_on_an_fsdp_mesh_donates_and_keeps_the_base(lora_setup):
+  model, lparams, _ = lora_setup
+  mesh = bs.make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
+  rules = bs.rules_from_config(MeshConfig())
+  optimizer = optax.adam(1e-2)
+  trainable, _ = lparams.split()
+  state = bs.TrainState(step=jnp.zeros((), jnp.int32), params=lparams, opt_state=optimizer.init(trainable))
+  shardings = bs.train_state_shardings(state, mesh, rules)
+  state = jax.device_put(state, shardings)
+  step = bs.make_train_step(ft.WithLoRADropout(model), optimizer, mesh, rules, shardings, bs.batch_sharding(mesh, rules))
+  batch = {'inputs': TOKENS, 'targets': jnp.roll(TOKENS, -1, axis=1), 'mask': jnp.ones(TOKENS.shape)}
+  kernel = ('lm', 'layers', 'block', 'attn', 'q')
+  before = np.asarray(state.params[kernel].value)
+  first = state.params[kernel].value
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  assert first.is_deleted()                                     # donated, frozen weights included
+  assert state.params[kernel].value.sharding == shardings.params[kernel].value
+  np.testing.assert_array_equal(np.asarray(state.params[kernel].value), before)
+  assert int(state.step) == 2 and bool(metrics['finite'])
+  assert float(jnp.abs(state.params[kernel[:-1] + ('q_lora_b',)].value).max()) > 0

@@ -10,6 +10,11 @@ batch, XLA's temporaries (activations saved for the backward pass, gradients,
 workspace) and the peak (arguments + outputs - donated aliases + temporaries)
 from `compiled.memory_analysis()`.
 
+For a fine-tuning preset (`finetune.init_from` or `finetune.lora.rank > 0`) it
+compares, per remat policy: full fine-tuning of the preset's model, and LoRA
+(the preset's `finetune.lora`) on a bfloat16 and on an int8 frozen base. The
+model is the preset's `model:` section (the source checkpoint is not read).
+
 Caveat: the numbers come from XLA's CPU compiler. GPU and TPU compilers
 schedule and fuse differently (and the CPU backend may keep some bf16 math in
 f32), so read the temporaries as an estimate within tens of percent; params
@@ -39,6 +44,7 @@ class PlanRow:
   peak: int
   compile_s: float
   error: str = ''
+  mode: str = 'train'
 
 
 def _ensure_devices(n: int, argv: list[str]) -> None:
@@ -58,9 +64,19 @@ def _ensure_devices(n: int, argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, '-m', 'blox_scale.cli.plan', *argv])
 
 
+def finetune_modes(cfg: Any) -> list[tuple[str, Any]]:
+  """`[(label, FinetuneConfig or None)]` to compare: full fine-tuning, LoRA on a bf16 and an int8 base."""
+  f = cfg.finetune
+  lora = f.lora if f.lora.rank > 0 else dataclasses.replace(f.lora, rank=16)
+  base = dataclasses.replace(f, init_from=f.init_from or 'plan', lora=lora, freeze=(), base_dtype='bfloat16')
+  return [('full', None), ('lora bf16', dataclasses.replace(base, quant='none')),
+          ('lora int8', dataclasses.replace(base, quant='int8'))]
+
+
 def plan(cfg: Any, mesh: Any, *, remats: list[str],
-         remat_names: tuple[str, ...] = ('attn_out', 'mlp_out')) -> list[PlanRow]:
-  """Compiles the train step of `cfg` on `mesh` once per remat policy.
+         remat_names: tuple[str, ...] = ('attn_out', 'mlp_out'),
+         modes: list[tuple[str, Any]] | None = None) -> list[PlanRow]:
+  """Compiles the train step of `cfg` on `mesh` once per remat policy (and per mode).
 
   The batch is `cfg.data`'s (`batch_size` x `seq_len`, `cfg.optimizer.grad_accum_steps`
   micro-batches; the command line's --batch-size/--seq-len are config overrides);
@@ -68,11 +84,14 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
 
   Returns one PlanRow per policy (a policy that fails to compile, e.g.
   host offload on a backend without host memory, gets `error` set).
+  `modes`: `finetune_modes(cfg)` to compare full fine-tuning with LoRA; the
+  default is the plain train step of `cfg`.
   """
   from blox_scale.models import build_model
   from blox_scale.training.remat_auto import candidate_config
   from blox_scale.parallel import sharding
   from blox_scale.training.optim import make_optimizer
+  from blox_scale.training import finetune
   from blox_scale.training.step import abstract_batch, abstract_train_state, make_train_step, train_state_shardings
 
   rules = sharding.rules_from_config(cfg.mesh)
@@ -85,14 +104,19 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
   batch_sh = sharding.batch_sharding(mesh, rules)
   batch = abstract_batch(b, t, batch_sh)
   rows = []
-  for remat in remats:
+  for (mode, ft), remat in ((m, r) for m in (modes or [('train', None)]) for r in remats):
     names = cfg.model.remat_names or remat_names
     if remat == 'nested':  # a remat=auto candidate: full remat in a nested sqrt(L) scan
       model_cfg = candidate_config(cfg.model, remat)
     else:
       model_cfg = dataclasses.replace(cfg.model, remat=remat, remat_names=tuple(names), remat_nested=False)
-    model = build_model(model_cfg)
-    abstract = abstract_train_state(model, optimizer)
+    if ft is None:
+      model = build_model(model_cfg)
+      abstract = abstract_train_state(model, optimizer)
+    else:
+      model_cfg = dataclasses.replace(model_cfg, param_dtype=ft.base_dtype)
+      model = finetune.build_model(model_cfg, ft)
+      abstract = finetune.abstract_train_state(model, optimizer, ft)
     shardings = train_state_shardings(abstract, mesh, rules)
     state = sharding.with_shardings(abstract, shardings)
     params_b = sharding.shard_bytes(abstract.params, shardings.params)
@@ -104,11 +128,11 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
       mem = step.lower(state, batch).compile().memory_analysis()
     except Exception as e:  # noqa: BLE001  (report the policy as unavailable, keep going)
       rows.append(PlanRow(remat, params_b, opt_b, batch_b, 0, 0, time.perf_counter() - start,
-                          error=f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'))
+                          error=f'{type(e).__name__}: {str(e).splitlines()[0][:160]}', mode=mode))
       continue
     seconds = time.perf_counter() - start
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    rows.append(PlanRow(remat, params_b, opt_b, batch_b, mem.temp_size_in_bytes, peak, seconds))
+    rows.append(PlanRow(remat, params_b, opt_b, batch_b, mem.temp_size_in_bytes, peak, seconds, mode=mode))
   return rows
 
 
@@ -116,12 +140,13 @@ def format_rows(rows: list[PlanRow], hbm_gib: float = 0.0) -> str:
   """A table; GiB for real presets, MiB when everything is under 1 GiB."""
   peak = max([r.peak for r in rows] + [r.params + r.opt_state for r in rows])
   unit, scale = ('GiB', GiB) if peak >= GiB else ('MiB', 1024 ** 2)
-  head = f'{"remat":<14}{"params":>10}{"opt state":>11}{"batch":>9}{"temp":>10}{"peak":>10}{"compile":>9}'
+  show_mode = any(r.mode != 'train' for r in rows)
+  head = (f'{"mode":<11}' if show_mode else '') + f'{"remat":<14}{"params":>10}{"opt state":>11}{"batch":>9}{"temp":>10}{"peak":>10}{"compile":>9}'
   if hbm_gib:
     head += f'  fits {hbm_gib:g} GiB'
   lines = [head + f'   ({unit} per device)', '-' * len(head)]
   for r in rows:
-    cells = f'{r.remat:<14}{r.params / scale:>10.2f}{r.opt_state / scale:>11.2f}{r.batch / scale:>9.3f}'
+    cells = (f'{r.mode:<11}' if show_mode else '') + f'{r.remat:<14}{r.params / scale:>10.2f}{r.opt_state / scale:>11.2f}{r.batch / scale:>9.3f}'
     if r.error:
       lines.append(f'{cells}  n/a: {r.error}')
       continue
@@ -212,8 +237,12 @@ def _main(argv: list[str]) -> int:
         f'batch {cfg.data.batch_size} x {cfg.data.seq_len}; '
         f'mesh {dict(mesh.shape)} on {jax.device_count()} devices', flush=True)
   auto = args.remat == 'auto'
+  modes = finetune_modes(cfg) if (cfg.finetune.init_from or cfg.finetune.lora.rank > 0) and not auto else None
+  if modes:
+    print(f'fine-tuning: full (params {m.param_dtype}) vs LoRA rank {modes[1][1].lora.rank} on '
+          f'{", ".join(modes[1][1].lora.targets)} with a bfloat16 / int8 frozen base', flush=True)
   try:
-    rows = plan(cfg, mesh, remats=remats, **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
+    rows = plan(cfg, mesh, remats=remats, modes=modes, **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
   except ValueError as e:  # a param that does not divide over the mesh: the message names it
     raise ConfigError(str(e)) from e
   budget_gib = (args.hbm or cfg.model.remat_budget_gib) if auto else args.hbm

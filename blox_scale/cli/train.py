@@ -55,7 +55,9 @@ from blox_scale.training.remat_auto import budget_bytes, candidate_config, choos
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
 from blox_scale.training.step import (abstract_batch, abstract_train_state, init_train_state, make_eval_step,
                                       make_train_step, train_state_shardings)
+from blox_scale.training import finetune
 from blox_scale.training import tokenizer as tokenizers
+from blox_scale.finetune import WithLoRADropout
 from blox_scale.training.validation import check_devices
 
 EXIT_OK, EXIT_ERROR, EXIT_NONFINITE = 0, 1, 2
@@ -108,10 +110,16 @@ def evaluate(eval_step: Any, params: bx.Params, data: Any, mesh: Any, rules: Any
   return total / tokens if tokens else None
 
 
-def _abstract_state(cfg: Config) -> Any:
-  """The train state `cfg` describes, as ShapeDtypeStructs (nothing allocated or compiled)."""
-  model = build_model(cfg.model)
-  optimizer, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+def _abstract_state(cfg: Config, model: DecoderLM | None = None, optimizer: Any = None) -> Any:
+  """The train state `cfg` describes, as ShapeDtypeStructs (nothing allocated or compiled).
+
+  A fine-tuning run (`finetune.init_from`) holds its adapters, int8 kernels
+  and the optimizer state of its trainable params only.
+  """
+  model = model or finetune.build_model(cfg.model, cfg.finetune)
+  optimizer = optimizer or make_optimizer(cfg.optimizer, cfg.train.steps)[0]
+  if cfg.finetune.init_from:
+    return finetune.abstract_train_state(model, optimizer, cfg.finetune, cfg.train.seed)
   return abstract_train_state(model, optimizer, cfg.train.seed)
 
 
@@ -147,7 +155,7 @@ def train(config: Config) -> int:
   """
   # -- 1. config (validated at load) ----------------------------------------------------------------
   started = time.perf_counter()
-  cfg = config
+  cfg = finetune.resolve(config)  # fine-tuning: the model section is the source checkpoint's
   workdir = Path(cfg.train.workdir)
   tokenizer = load_tokenizer(cfg)
 
@@ -167,9 +175,10 @@ def train(config: Config) -> int:
   # model.remat=auto: params and optimizer state do not depend on the policy, so any candidate
   # gives the abstract state; section 7 compiles the candidates and keeps the one that fits.
   auto_remat = cfg.model.remat == 'auto'
-  model = build_model(candidate_config(cfg.model, 'full') if auto_remat else cfg.model)
+  build = lambda model_cfg: finetune.build_model(model_cfg, cfg.finetune)  # + LoRA / int8 base when fine-tuning
+  model = build(candidate_config(cfg.model, 'full') if auto_remat else cfg.model)
   optimizer, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-  abstract = abstract_train_state(model, optimizer, cfg.train.seed)
+  abstract = _abstract_state(cfg, model, optimizer)
   try:
     state_shardings = train_state_shardings(abstract, mesh, rules)  # names a param that does not divide
   except ValueError as e:
@@ -178,6 +187,14 @@ def train(config: Config) -> int:
   abstract = with_shardings(abstract, state_shardings)
   num_params = sum(int(np.prod(p.shape)) for p in abstract.params.values() if p.trainable)
   log(f'model: {num_params / 1e6:.2f}M trainable params, {cfg.model.num_layers} layers, d_model {cfg.model.d_model}')
+  sizes: dict[str, int] = {}
+  if cfg.finetune.init_from:
+    sizes = finetune.describe(abstract.params, abstract.opt_state)
+    sizes['full_finetune_opt_state_bytes'] = finetune.full_finetune_opt_state_bytes(cfg.model, optimizer)
+    log(f"finetune: from {cfg.finetune.init_from}; trainable {sizes['trainable_params']:,} of "
+        f"{sizes['trainable_params'] + sizes['frozen_params']:,} params, optimizer state "
+        f"{format_bytes(sizes['opt_state_bytes'])} (full fine-tuning: "
+        f"{format_bytes(sizes['full_finetune_opt_state_bytes'])}), frozen base {format_bytes(sizes['frozen_bytes'])}")
   tokens = load_tokens(cfg.data, tokenizer)  # host only; a corpus too small for one window is a config error
   check_corpus(tokens, cfg.data, cfg.model.vocab_size)
   rows = distributed.process_batch_slice(cfg.data.batch_size, mesh, rules)  # this process's rows of each batch
@@ -192,6 +209,9 @@ def train(config: Config) -> int:
   if latest is not None:
     state, data_state = checkpoints.restore(latest, abstract)
     log(f'resumed from {checkpoints.directory}/{latest}')
+  elif cfg.finetune.init_from:
+    state = finetune.init_train_state(model, optimizer, cfg, mesh, rules, state_shardings)
+    log(f'loaded {cfg.finetune.init_from}')
   else:
     state = init_train_state(model, optimizer, cfg.train.seed, mesh, rules, state_shardings)
   step = int(latest or 0)
@@ -215,17 +235,17 @@ def train(config: Config) -> int:
   batch_spec = abstract_batch(cfg.data.batch_size, cfg.data.seq_len, batch_shardings)
 
   def lower_step(model: DecoderLM) -> Any:
-    train_step = make_train_step(model, optimizer, mesh, rules, state_shardings, batch_shardings,
+    train_step = make_train_step(WithLoRADropout(model), optimizer, mesh, rules, state_shardings, batch_shardings,
                                  grad_accum_steps=cfg.optimizer.grad_accum_steps, learning_rate_fn=schedule)
     return train_step.lower(abstract, batch_spec)
 
   t0 = time.perf_counter()
   auto_record: dict[str, Any] = {}
   if auto_remat:  # XLA's memory analysis of each candidate, least recomputation first
-    choice = choose_remat(lambda name: lower_step(build_model(candidate_config(cfg.model, name))),
+    choice = choose_remat(lambda name: lower_step(build(candidate_config(cfg.model, name))),
                           budget_bytes(cfg.model.remat_budget_gib), log=log)
     log(choice.summary())
-    model = build_model(candidate_config(cfg.model, choice.remat))
+    model = build(candidate_config(cfg.model, choice.remat))
     compiled, auto_record = choice.compiled, choice.record()
   else:
     compiled = lower_step(model).compile()
@@ -239,7 +259,7 @@ def train(config: Config) -> int:
     writer.write({'kind': 'config_change', 'step': step, 'changes': {k: list(v) for k, v in changes.items()}})
   writer.write({'kind': 'start', 'step': step, 'compile_time_s': compile_s, 'num_params': num_params,
                 'num_devices': jax.device_count(), 'flops_per_token': flops_per_token,
-                'unigram_entropy': data.unigram_entropy, **memory, **auto_record})
+                'unigram_entropy': data.unigram_entropy, **memory, **auto_record, **sizes})
   log(f'compiled train step in {compile_s:.1f}s; ' + ', '.join(f'{k} {format_bytes(v)}' for k, v in memory.items()))
   all_finite(state.params)  # compile the pre-save check now, not inside the first save
 

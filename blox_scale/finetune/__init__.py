@@ -15,12 +15,12 @@ Model-side code (imports `nn`, `stacking`, `blox`; never training code):
     plain = bs.finetune.merge(model, params)                # the base model's layout
 """
 
-from blox_scale.finetune.lora import LoRA, add_lora, lora_dropout, lora_modules
+from blox_scale.finetune.lora import LoRA, WithLoRADropout, add_lora, lora_dropout, lora_modules
 from blox_scale.finetune.merge import lora_delta, merge
 from blox_scale.finetune.params import count, freeze, freeze_base, init_new_params, is_adapter, nbytes, unfreeze
 from blox_scale.finetune.quant import QUANT_MODES, Int8Base, add_int8_base, dequantize_array, quantize, quantize_array
 from blox_scale.finetune.wrap import Wrapper, path_matches, projections
 
-__all__ = ['LoRA', 'add_lora', 'lora_dropout', 'lora_modules', 'merge', 'lora_delta', 'freeze', 'freeze_base',
+__all__ = ['LoRA', 'WithLoRADropout', 'add_lora', 'lora_dropout', 'lora_modules', 'merge', 'lora_delta', 'freeze', 'freeze_base',
            'unfreeze', 'init_new_params', 'count', 'nbytes', 'is_adapter', 'Int8Base', 'add_int8_base', 'quantize',
            'quantize_array', 'dequantize_array', 'QUANT_MODES', 'Wrapper', 'path_matches', 'projections']

@@ -137,3 +137,25 @@ def lora_modules(model: Any) -> list[LoRA]:
   """Every LoRA wrapper of the model."""
   found = (find_wrapper(module, LoRA) for _, module in projections(model))
   return [m for m in found if m is not None]
+
+
+class WithLoRADropout:
+  """`model` whose `loss(..., is_training=True)` (and call) runs inside `lora_dropout()`.
+
+  Everything else is the wrapped model's (`init`, `config`, `decode`, ...).
+  The train step is given this; eval and sampling use the model itself.
+  """
+
+  def __init__(self, model: Any) -> None:
+    self.model = model
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.model, name)
+
+  def loss(self, params: bx.Params, batch: Any, is_training: bool = True) -> Any:
+    with lora_dropout(is_training):
+      return self.model.loss(params, batch, is_training=is_training)
+
+  def __call__(self, params: bx.Params, tokens: Any, is_training: bool = False) -> Any:
+    with lora_dropout(is_training):
+      return self.model(params, tokens, is_training=is_training)

@@ -350,12 +350,16 @@ def find_workdir(path: str | Path) -> tuple[Path, int | None]:
 def load_for_inference(path: str | Path, step: int | None = None) -> tuple[Config, Any, Any]:
   """`(config, model, params)` from a run's workdir, on this process's first device.
 
-  The model is `build_model(config.model)`; the params come from
-  `restore_params` (no optimizer state). `step` defaults to the latest
-  complete checkpoint (or the step dir given as `path`).
+  The model is `build_model(config.model)` (a fine-tuning run's with its
+  LoRA / int8 base wrapped in: `bs.finetune.merge` folds them); the params
+  come from `restore_params` (no optimizer state). `step` defaults to the
+  latest complete checkpoint (or the step dir given as `path`).
   """
+  from blox_scale.training import finetune
+
   workdir, step_from_path = find_workdir(Path(path))
   config = read_config(workdir)
-  model = build_model(config.model)
-  params = restore_params(workdir, model, step if step is not None else step_from_path)
+  model = finetune.build_model(config.model, config.finetune)
+  target = finetune.abstract_params(model, config.finetune, config.train.seed) if config.finetune.init_from else model
+  params = restore_params(workdir, target, step if step is not None else step_from_path)
   return config, model, params

@@ -125,6 +125,25 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters on the projections named by `targets` (blox_scale/finetune/lora.py)."""
+  rank: int = field(0, 'Adapter rank r; LoRA is on when > 0 (0: full fine-tuning of what finetune.freeze leaves trainable).')
+  alpha: float = field(16.0, 'The adapter output is scaled by alpha / rank.')
+  dropout: float = field(0.0, "Dropout on the adapters' input during training.")
+  targets: tuple[str, ...] = field(('attn/q', 'attn/v'), 'Path patterns of the projections that get adapters (e.g. attn/q, attn/v, mlp/*).')
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Fine-tuning from a pretrained model: LoRA, freezing, the frozen base's storage."""
+  init_from: str = field('', "Pretrained weights: a blox-train workdir, or hf:DIR (a Hugging Face checkpoint); '' = train from scratch.")
+  lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig, metadata={'doc': 'Low-rank adapters.'})
+  freeze: tuple[str, ...] = field((), 'Path patterns of params kept frozen (with LoRA on, every base param is frozen).')
+  base_dtype: str = field('', "Storage dtype of the base params ('' = the source's; 'bfloat16' halves a frozen base).")
+  quant: str = field('none', "Frozen base kernels: 'none' or 'int8' (weight-only, per-channel scales; needs LoRA).")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs."""
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={'doc': 'The model.'})
@@ -134,6 +153,7 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig, metadata={'doc': 'Checkpoints.'})
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig, metadata={'doc': 'The mesh.'})
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig, metadata={'doc': 'Multi-process.'})
+  finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig, metadata={'doc': 'Fine-tuning.'})
 
 
 # -----------------------------------------------------------------------------
@@ -382,11 +402,21 @@ def reference_markdown() -> str:
     lines.append(f'### `{section.name}`: {cls.__doc__.strip()}\n')
     lines.append('| key | type | default | meaning |')
     lines.append('|---|---|---|---|')
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-      tp = _type_name(hints[f.name]).replace('|', '\\|')
-      shown = repr(default).replace('|', '\\|')
-      lines.append(f'| `{section.name}.{f.name}` | {tp} | `{shown}` | {f.metadata.get("doc", "")} |')
+    lines.extend(_reference_rows(cls, section.name))
     lines.append('')
   return '\n'.join(lines)
+
+
+def _reference_rows(cls: type, prefix: str) -> list[str]:
+  """One table row per field; a nested section (finetune.lora) lists its own fields."""
+  rows = []
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(hints[f.name]):
+      rows.extend(_reference_rows(hints[f.name], f'{prefix}.{f.name}'))
+      continue
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    tp = _type_name(hints[f.name]).replace('|', '\\|')
+    shown = repr(default).replace('|', '\\|')
+    rows.append(f'| `{prefix}.{f.name}` | {tp} | `{shown}` | {f.metadata.get("doc", "")} |')
+  return rows

@@ -244,6 +244,30 @@ def check_distributed(d: Any) -> None:
     _at_least(f'distributed.{key}', getattr(d, key), 1, f'give distributed.{key} in whole seconds')
 
 
+def check_finetune(f: Any) -> None:
+  """`finetune.*`: ranges, names, and what needs `init_from`."""
+  from blox_scale.finetune import QUANT_MODES
+
+  _at_least('finetune.lora.rank', f.lora.rank, 0, 'use 0 (no LoRA) or a positive rank such as 8')
+  if not f.lora.alpha > 0:
+    _fail('finetune.lora.alpha', f.lora.alpha, 'must be > 0', 'set e.g. finetune.lora.alpha=16')
+  _in_range('finetune.lora.dropout', f.lora.dropout, 0.0, 1.0, high_open=True)
+  _one_of('finetune.quant', f.quant, QUANT_MODES)
+  if f.base_dtype:
+    _float_dtype('finetune.base_dtype', f.base_dtype)
+  if f.lora.rank > 0 and not f.lora.targets:
+    _fail('finetune.lora.targets', [], 'is empty but finetune.lora.rank > 0', 'name projections, e.g. [attn/q, attn/v]')
+  if f.quant != 'none' and f.lora.rank == 0:
+    _fail('finetune.quant', f.quant, 'quantizes frozen kernels, but with finetune.lora.rank=0 they are trained',
+          'set finetune.lora.rank > 0, or finetune.quant=none')
+  used = [k for k, on in (('finetune.lora.rank', f.lora.rank > 0), ('finetune.freeze', bool(f.freeze)),
+                          ('finetune.quant', f.quant != 'none'), ('finetune.base_dtype', bool(f.base_dtype))) if on]
+  if used and not f.init_from:
+    _fail(used[0], getattr(f.lora, 'rank') if used[0].endswith('rank') else getattr(f, used[0].split('.')[1]),
+          'fine-tunes pretrained weights, but finetune.init_from is empty',
+          'set finetune.init_from to a blox-train workdir or hf:DIR')
+
+
 def check_config(config: Config, files: bool = True) -> None:
   """Every rule that needs neither a device nor a compile. Raises ConfigError.
 
@@ -257,6 +281,7 @@ def check_config(config: Config, files: bool = True) -> None:
   check_checkpoint(config.checkpoint)
   check_mesh(config.mesh)
   check_distributed(config.distributed)
+  check_finetune(config.finetune)
   o, d = config.optimizer, config.data
   if d.batch_size % o.grad_accum_steps:
     _fail('data.batch_size', d.batch_size, f'is not divisible by optimizer.grad_accum_steps={o.grad_accum_steps}',
