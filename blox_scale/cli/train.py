@@ -49,7 +49,7 @@ from blox_scale.training.data import build_data, check_corpus, load_tokens
 from blox_scale.training.integrity import all_finite
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
 from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, memory_report, plot_losses
-from blox_scale.models import DecoderLM, build_model
+from blox_scale.models import DecoderLM
 from blox_scale.training.optim import make_optimizer
 from blox_scale.training.remat_auto import budget_bytes, candidate_config, choose_remat
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings

@@ -187,6 +187,13 @@ def init_train_state(model: DecoderLM, optimizer: optax.GradientTransformation, 
   return jax.jit(sharded_init, out_shardings=shardings, donate_argnums=0)(base)
 
 
+def merged(config: Config, model: DecoderLM, params: bx.Params) -> tuple[DecoderLM, bx.Params]:
+  """The plain model of `config` and `params` with the adapters folded in (unchanged without LoRA/int8)."""
+  if config.finetune.lora.rank == 0 and config.finetune.quant == 'none':
+    return model, params
+  return DecoderLM(bx.Graph('lm'), config.model), ft.merge(model, params)
+
+
 def describe(params: Any, opt_state: Any) -> dict[str, int]:
   """Sizes for the start record: trainable/frozen scalars, optimizer-state bytes, frozen bytes."""
   return {'trainable_params': ft.count(params, trainable=True), 'frozen_params': ft.count(params, trainable=False),
