@@ -105,6 +105,8 @@ def test_sigkill_mid_save_then_resume_gives_identical_losses(reference, env, tmp
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert read_metrics(workdir, 'start')[-1]['step'] == kept[-1]  # resumed from the last complete save
   assert _losses(workdir) == want, f'killed during {killed_mid_save}, resumed from {kept[-1]}'
+  print(f'MEASURED sigkill_mid_save: killed during {killed_mid_save}, resumed from {kept[-1]}, '
+        f'{len(want)}/{len(want)} losses identical')
 
 
 def test_signal_before_the_loop_stops_at_once_and_writes_nothing_half(env, tmp_path):
@@ -113,8 +115,10 @@ def test_signal_before_the_loop_stops_at_once_and_writes_nothing_half(env, tmp_p
                           text=True)
   first = proc.stdout.readline()  # 'mesh: ...': the run is starting, far from its first step
   assert first.startswith('mesh:'), first + proc.stderr.read()[-2000:]
+  sent = time.monotonic()
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
+  print(f'MEASURED sigterm_before_loop: exit {proc.returncode} {time.monotonic() - sent:.1f}s after the signal')
   assert proc.returncode == 0, err[-2000:]
   assert 'blox-train: SIGTERM outside the training loop: stopped at once' in err
   assert 'Traceback' not in err and not _steps(workdir) and not _losses(workdir)
@@ -153,6 +157,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_earlier_checkpoints(r
     proc = _run(env, workdir)
     assert proc.returncode == 1, proc.stderr[-3000:]
     [line] = _error_lines(proc.stderr) or [proc.stderr[-3000:]]
+    print(f'MEASURED disk_full: exit {proc.returncode}: {line}')
     assert 'No space left on device (errno 28, ENOSPC)' in line and f'{workdir}/checkpoints/8' in line, line
     assert 'the earlier checkpoints (4) are intact' in line, line
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr[-3000:]
@@ -174,6 +179,7 @@ def test_diverging_run_stops_before_checkpointing(reference, env, tmp_path):
   # Resume the healthy run with a learning rate 300x too high: the loss jumps far above its median.
   proc = _run(env, workdir, 'train.steps=40', 'optimizer.learning_rate=1.0', 'optimizer.schedule=constant',
               'optimizer.warmup_steps=0')
+  print(f'MEASURED diverging: exit {proc.returncode}: {_error_lines(proc.stderr)}')
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'resuming with a changed config: optimizer.learning_rate=0.003 -> 1.0' in proc.stderr
   [line] = _error_lines(proc.stderr)
@@ -182,3 +188,85 @@ def test_diverging_run_stops_before_checkpointing(reference, env, tmp_path):
   assert _steps(workdir) == [4, 8, 12, 16]  # nothing after the divergence was saved
   assert _tree_bytes(workdir / 'checkpoints') == before
   assert len(list((workdir / 'config_history').iterdir())) == 1  # the run's original config is kept
+
+
+# -- corrupt checkpoints: set aside, the previous one restored ---------------------------------------
+
+
+def _largest(directory: Path) -> Path:
+  return max((p for p in directory.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir: Path) -> None:
+  f = _largest(step_dir / 'params')
+  f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+
+
+def _delete(step_dir: Path) -> None:
+  _largest(step_dir / 'state').unlink()
+
+
+def _flip(step_dir: Path) -> None:
+  f = _largest(step_dir / 'params')
+  raw = bytearray(f.read_bytes())
+  middle = len(raw) // 2
+  raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+  f.write_bytes(bytes(raw))
+
+
+def _garbage_metadata(step_dir: Path) -> None:
+  (step_dir / 'params' / '_METADATA').write_bytes(b'{"tree_metadata": \x00\x17 not json')
+
+
+@pytest.mark.parametrize('corrupt', [_truncate, _delete, _flip, _garbage_metadata],
+                         ids=['truncate', 'delete', 'bit_flip', 'garbage_metadata'])
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_restored(corrupt, reference, env, tmp_path):
+  ref, want = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref, workdir)
+  corrupt(workdir / 'checkpoints' / '16')
+  proc = _run(env, workdir)  # the same command: resumes at its latest checkpoint, which is bad
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  warnings = [l for l in proc.stderr.splitlines() if 'checkpoint 16' in l]
+  print(f'MEASURED corrupt_{corrupt.__name__}: exit {proc.returncode}: {warnings}')
+  assert len(warnings) == 1 and f'{workdir}/checkpoints/16' in warnings[0], proc.stderr[-3000:]
+  assert 'moved to' in warnings[0] and 'Traceback' not in proc.stderr
+  assert (workdir / 'checkpoints.corrupt' / '16').is_dir()  # set aside, not deleted
+  assert read_metrics(workdir, 'start')[-1]['step'] == 12
+  assert _losses(workdir) == want  # steps 13-16 again, from checkpoint 12: identical
+  assert _steps(workdir) == [4, 8, 12, 16]
+
+
+def test_no_good_checkpoint_is_a_one_line_refusal(reference, env, tmp_path):
+  ref, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref, workdir)
+  for step in (4, 8, 12, 16):
+    _flip(workdir / 'checkpoints' / str(step))
+  proc = _run(env, workdir)
+  print(f'MEASURED no_good_checkpoint: exit {proc.returncode}: {_error_lines(proc.stderr)}')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  [line] = _error_lines(proc.stderr)
+  assert 'no good checkpoint' in line and 'checkpoint.resume=false' in line, line
+  assert sorted(p.name for p in (workdir / 'checkpoints.corrupt').iterdir()) == ['12', '16', '4', '8']
+  again = _run(env, workdir)  # refuses again, rather than silently starting from scratch
+  assert again.returncode == 1 and 'no good checkpoint' in again.stderr
+
+
+def test_sample_falls_back_from_a_corrupt_checkpoint(reference, env, tmp_path):
+  ref, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref, workdir)
+  _flip(workdir / 'checkpoints' / '16')
+  sample = [sys.executable, '-m', 'blox_scale.cli.sample', '--prompt', 'def ', '--max-new-tokens', '8',
+            '--temperature', '0']
+  proc = subprocess.run([*sample, '--checkpoint', str(workdir)], env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'checkpoint 16' in proc.stderr and 'using checkpoint 12' in proc.stderr, proc.stderr[-3000:]
+  assert (workdir / 'checkpoints' / '16').is_dir()  # sampling moves nothing
+  pinned = subprocess.run([*sample, '--checkpoint', str(workdir / 'checkpoints' / '16')], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert pinned.returncode == 1, pinned.stderr[-3000:]
+  [line] = [l for l in pinned.stderr.splitlines() if l.startswith('blox-sample: error:')]
+  assert f'{workdir}/checkpoints/16' in line and 'fingerprint' in line, line

@@ -204,10 +204,12 @@ def train(config: Config) -> int:
   # -- 5. state: restore or init (the first writes to the workdir) ------------------------------------
   logging.getLogger('absl').addFilter(_OrbaxErrorsReported())
   checkpoints = Checkpointer(workdir, cfg.checkpoint)
-  latest = checkpoints.latest_step() if cfg.checkpoint.resume else None
-  data_state = None
-  if latest is not None:
-    state, data_state = checkpoints.restore(latest, abstract)
+  # The newest checkpoint that verifies (fingerprints, finite params); bad ones are reported and set aside.
+  report = lambda line: print(line, file=sys.stderr, flush=True) if primary else None
+  restored = checkpoints.restore_latest(abstract, report) if cfg.checkpoint.resume else None
+  latest, data_state = None, None
+  if restored is not None:
+    latest, state, data_state = restored
     log(f'resumed from {checkpoints.directory}/{latest}')
   elif cfg.finetune.init_from:
     state = finetune.init_train_state(model, optimizer, cfg, mesh, rules, state_shardings)

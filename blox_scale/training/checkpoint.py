@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import orbax.checkpoint as ocp
 import blox as bx
 from blox.rng import is_key
 from blox_scale.models import build_model
+from blox_scale.training import integrity
 from blox_scale.training.config import CONFIG_FILE, CheckpointConfig, Config, read_config, save_config
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -221,7 +223,9 @@ class Checkpointer:
     params, rest = _split_params(names, leaves)
     params, impls = _to_storable(params)
     rest, rest_impls = _to_storable(rest)
-    meta = {'step': int(step), 'data': data_state, 'key_impls': _join_params(impls, rest_impls)}
+    meta = {'step': int(step), 'data': data_state, 'key_impls': _join_params(impls, rest_impls),
+            # Content fingerprints of the arrays as stored, checked by every restore (integrity.py).
+            integrity.FINGERPRINT_KEY: integrity.fingerprints(_join_params(params, rest))}
     self.check()  # an earlier failed save is reported, not buried under this one
     try:
       self.manager.save(int(step), args=ocp.args.Composite(
@@ -250,6 +254,38 @@ class Checkpointer:
     values = _join_params(params_out, rest_out)
     return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names]), meta.get('data')
 
+  def restore_latest(self, abstract_state: Any, report: Any = print) -> tuple[int, Any, dict[str, Any] | None] | None:
+    """-> `(step, train_state, data_state)` of the newest checkpoint that verifies, or None if there is none.
+
+    A checkpoint that cannot be read, does not match its fingerprints or has
+    non-finite params is reported (`report`, one line) and moved to
+    `<workdir>/checkpoints.corrupt/` (renamed, never deleted); the previous one
+    is tried next. When checkpoints existed (or were set aside before) but
+    none is good: CheckpointCorruptError, a one-line refusal with the fix.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+        return step, state, data_state
+      except integrity.CheckpointCorruptError as e:
+        moved = self._set_aside(step)
+        report(f'blox: warning: checkpoint {step} is bad: {e}; moved to {moved}; trying the previous one')
+    corrupt = self.directory.parent / integrity.CORRUPT_DIR
+    if corrupt.is_dir() and any(corrupt.iterdir()):
+      raise integrity.CheckpointCorruptError(
+          self.directory, f'no good checkpoint left (the bad ones are in {corrupt}); start fresh with '
+          'checkpoint.resume=false or a new train.workdir, or put a good checkpoint back')
+    return None
+
+  def _set_aside(self, step: int) -> Path:
+    """Moves a bad step directory out of orbax's sight (the primary process; the others wait)."""
+    from blox_scale.parallel import distributed
+    step_dir = self.directory / str(step)
+    moved = integrity.set_aside(step_dir) if jax.process_index() == 0 else self.directory.parent / integrity.CORRUPT_DIR / str(step)
+    distributed.barrier(f'blox_set_aside_{step}')
+    self.manager.reload()
+    return moved
+
   def wait(self) -> None:
     """Blocks until background saves are committed; CheckpointSaveError if one failed."""
     self.check(block=True)
@@ -273,10 +309,20 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, params: dict[str, 
   missing from the checkpoint or left over in it is an error.
   """
   items = {PARAMS: params} if rest is None else {PARAMS: params, 'state': rest}
-  restored = manager.restore(int(step), args=ocp.args.Composite(
-      **{item: ocp.args.StandardRestore(_abstract_storable(tree)) for item, tree in items.items()},
-      meta=ocp.args.JsonRestore()))
+  path = Path(manager.directory) / str(step)
+  reason = None
+  with integrity.quiet_unraisable():  # orbax's abandoned coroutines would each print a traceback
+    try:
+      restored = manager.restore(int(step), args=ocp.args.Composite(
+          **{item: ocp.args.StandardRestore(_abstract_storable(tree)) for item, tree in items.items()},
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore: missing, truncated or garbled files)
+      reason = 'cannot be read: ' + ' '.join(str(e).split('See full TensorStore details')[0].split())[:200]
+  if reason is not None:
+    raise integrity.CheckpointCorruptError(path, reason)
   meta = restored['meta']
+  stored = _join_params(dict(restored[PARAMS]), dict(restored['state']) if rest is not None else {})
+  integrity.verify(path, stored, meta.get(integrity.FINGERPRINT_KEY), restored[PARAMS])
   impls = meta.get('key_impls', {})
   params_impls, state_impls = _split_params(list(impls), list(impls.values()))
   out = {PARAMS: _from_storable(dict(restored[PARAMS]), params_impls)}
@@ -327,11 +373,20 @@ def restore_params(path: str | Path, target: Any, step: int | None = None) -> An
   # Not read_only=True: that only adds warnings; this manager never saves.
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   try:
-    step = step if step is not None else step_from_path if step_from_path is not None else manager.latest_step()
-    if step is None:
+    pinned = step if step is not None else step_from_path
+    candidates = [pinned] if pinned is not None else sorted(manager.all_steps(), reverse=True)
+    if not candidates:
       raise FileNotFoundError(f'No complete checkpoint in {directory}.')
     names, leaves, treedef = flat_names(abstract)
-    (values, _), _ = _restore_items(manager, step, dict(zip(names, leaves)))
+    for i, step in enumerate(candidates):
+      try:
+        (values, _), _ = _restore_items(manager, step, dict(zip(names, leaves)))
+        break
+      except integrity.CheckpointCorruptError as e:
+        if i + 1 == len(candidates):
+          raise  # a pinned step, or no good one left: one line, the path and what is wrong
+        print(f'blox: warning: checkpoint {step} is bad: {e}; using checkpoint {candidates[i + 1]}',
+              file=sys.stderr, flush=True)
   finally:
     manager.close()
   return jax.tree_util.tree_unflatten(treedef, [values[n] for n in names])

@@ -79,10 +79,15 @@ def flat(config: Any) -> dict[str, Any]:
   return out
 
 
+# Where a run lives is not part of what it computes: a moved or copied workdir resumes silently.
+IGNORED_CHANGES = ('train.workdir',)
+
+
 def config_changes(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
-  """`{key: (old value, new value)}` for every key that differs."""
+  """`{key: (old value, new value)}` for every key that differs (but `IGNORED_CHANGES`)."""
   a, b = flat(old), flat(new)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+  keys = sorted((set(a) | set(b)) - set(IGNORED_CHANGES))
+  return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
 
 def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:

@@ -22,6 +22,11 @@ multi-bit change go unnoticed with probability about 2^-64.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -92,3 +97,59 @@ def all_finite(tree: Any) -> jax.Array:
   """bool[]: every floating leaf of `tree` is finite (checked before a save and after a restore)."""
   leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+# -----------------------------------------------------------------------------
+# Verifying a restore, setting a bad checkpoint aside
+# -----------------------------------------------------------------------------
+
+CORRUPT_DIR = 'checkpoints.corrupt'
+
+
+class CheckpointCorruptError(RuntimeError):
+  """A checkpoint cannot be read, does not match its fingerprints, or holds non-finite params."""
+
+  def __init__(self, path: Any, reason: str):
+    super().__init__(f'{path}: {reason}')
+    self.path, self.reason = path, reason
+
+
+def verify(path: Any, named: dict[str, jax.Array], expected: dict[str, str] | None, params: Any) -> None:
+  """Raises CheckpointCorruptError unless `named` matches `expected` and `params` are finite.
+
+  named: the restored arrays as stored ({name: array}); expected: the
+  fingerprints saved with them (None: a checkpoint from before fingerprints,
+  checked for finiteness only).
+  """
+  if expected:
+    bad = mismatches(named, {n: v for n, v in expected.items() if n in named})
+    if bad:
+      raise CheckpointCorruptError(path, f'{len(bad)} array(s) do not match the fingerprint saved with them '
+                                         f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
+  if not bool(all_finite(params)):
+    raise CheckpointCorruptError(path, 'its params are not finite')
+
+
+@contextlib.contextmanager
+def quiet_unraisable() -> Iterator[None]:
+  """Drops "Exception ignored in <coroutine>" reports while a failed read is cleaned up (BLOX_DEBUG=1 keeps them)."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = previous if os.environ.get('BLOX_DEBUG') else (lambda unraisable: None)
+  try:
+    yield
+  finally:
+    gc.collect()  # finalise the abandoned coroutines now, while their reports are dropped
+    sys.unraisablehook = previous
+
+
+def set_aside(step_dir: Any) -> Any:
+  """Moves `<workdir>/checkpoints/<step>` to `<workdir>/checkpoints.corrupt/<step>` (never deletes); returns the new path."""
+  from pathlib import Path
+  step_dir = Path(step_dir)
+  target_dir = step_dir.parent.parent / CORRUPT_DIR
+  target_dir.mkdir(exist_ok=True)
+  target, n = target_dir / step_dir.name, 1
+  while target.exists():
+    target, n = target_dir / f'{step_dir.name}.{n}', n + 1
+  step_dir.rename(target)
+  return target
