@@ -102,7 +102,7 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
     raise ValueError(f'data.batch_size={b} must be divisible by the batch shards ({shards}) x '
                      f'grad_accum_steps ({k}); change the batch size or the mesh.')
   batch_sh = sharding.batch_sharding(mesh, rules)
-  batch = abstract_batch(b, t, batch_sh)
+  batch = abstract_batch(b, t, batch_sh, packing=cfg.data.packing)
   rows = []
   for (mode, ft), remat in ((m, r) for m in (modes or [('train', None)]) for r in remats):
     names = cfg.model.remat_names or remat_names

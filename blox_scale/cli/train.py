@@ -229,12 +229,13 @@ def train(config: Config) -> int:
 
   # -- 6. data --------------------------------------------------------------------------------------
   data = build_data(cfg.data, cfg.model.vocab_size, rows=rows, eval_batches=cfg.train.eval_batches, state=data_state,
-                    tokens=tokens)
+                    tokens=tokens, tokenizer=tokenizer)
   log(f'data: {cfg.data.source}, {data.num_tokens:,} tokens, {data.num_train_windows:,} train / '
       f'{data.num_eval_windows:,} eval windows of {cfg.data.seq_len}; unigram entropy {data.unigram_entropy:.3f} nats')
 
   # -- 7. step: compile ahead of time ---------------------------------------------------------------
-  batch_spec = abstract_batch(cfg.data.batch_size, cfg.data.seq_len, batch_shardings)
+  batch_spec = abstract_batch(cfg.data.batch_size, cfg.data.seq_len, batch_shardings,
+                              packing=cfg.data.packing)
 
   def lower_step(model: DecoderLM) -> Any:
     train_step = make_train_step(WithLoRADropout(model), optimizer, mesh, rules, state_shardings, batch_shardings,

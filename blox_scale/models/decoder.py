@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import blox as bx
 from blox.layers import DType, cast
 from blox_scale.models.config import ModelConfig
-from blox_scale.nn.attention import Cache, attention_mask
+from blox_scale.nn.attention import Cache, attention_mask, segment_mask
 from blox_scale.nn.block import TransformerBlock, make_norm
 from blox_scale.parallel.sharding import constrain
 from blox_scale.stacking.stack import Stack
@@ -152,22 +152,35 @@ class DecoderLM:
       logits = project_logits(x, table, self.dtype)
     return constrain(logits, ('batch', 'seq', 'vocab')), params
 
-  def __call__(self, params: bx.Params, tokens: jax.Array, is_training: bool = False) -> tuple[jax.Array, bx.Params]:
-    """`tokens: int[batch, seq]` -> `logits: f32[batch, seq, vocab]` (causal)."""
+  def __call__(self, params: bx.Params, tokens: jax.Array, is_training: bool = False, *,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, bx.Params]:
+    """`tokens: int[batch, seq]` -> `logits: f32[batch, seq, vocab]` (causal).
+
+    Packed documents (`data.packing='document'`): `segment_ids: int[batch, seq]`
+    (equal ids = one document) restricts attention to the query's own document
+    (block-causal), and `positions: int[batch, seq]` (restarting at 0 per
+    document) feed RoPE / the learned position table. None: one sequence,
+    positions `0..seq-1`.
+    """
     self._check_tokens(tokens, '__call__')
     batch, seq = tokens.shape
     if seq > self.config.max_seq_len:
       raise ValueError(f'DecoderLM: sequence length {seq} exceeds model.max_seq_len={self.config.max_seq_len}.')
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
-    x, params = self._embed(params, tokens, positions)
-    x, params = self.layers(params, x, positions=positions, is_training=is_training)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
+    mask = None if segment_ids is None else segment_mask(segment_ids)
+    x, params = self._embed(params, tokens, positions.astype(jnp.int32))
+    x, params = self.layers(params, x, positions=positions.astype(jnp.int32), mask=mask, is_training=is_training)
     return self._logits(params, x)
 
   def loss(self, params: bx.Params, batch: Batch, is_training: bool = True) -> tuple[jax.Array, tuple[dict[str, jax.Array], bx.Params]]:
     """Masked mean next-token cross-entropy (+ z-loss).
 
     `batch = {'inputs': int32[B, T], 'targets': int32[B, T], 'mask': f32[B, T]}`
-    (mask 1 = counted). Returns `(total, (metrics, params))` with metrics
+    (mask 1 = counted), optionally with `segment_ids`/`positions: int32[B, T]`
+    for packed documents (see `__call__`; the data pipeline already zeroes the
+    mask of each cross-document target). Returns `(total, (metrics, params))` with metrics
     'loss' (cross-entropy), 'z_loss' (its weighted contribution), 'total_loss'
     and 'tokens' (the mask sum). z-loss (PaLM) is `z_loss * log(Z)**2`: it
     keeps the softmax normaliser near 1 so bf16 logits do not drift.
@@ -175,7 +188,8 @@ class DecoderLM:
     missing = [k for k in ('inputs', 'targets', 'mask') if k not in batch]
     if missing:
       raise KeyError(f'DecoderLM.loss: batch is missing {missing}; it needs inputs, targets and mask.')
-    logits, params = self(params, batch['inputs'], is_training=is_training)   # f32[B, T, V]
+    logits, params = self(params, batch['inputs'], is_training=is_training,
+                          segment_ids=batch.get('segment_ids'), positions=batch.get('positions'))  # f32[B, T, V]
     targets = batch['targets']
     mask = batch['mask'].astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)                                   # [B, T]

@@ -62,12 +62,23 @@ def attention_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window:
   return allowed[None, None, :, :] & key_valid[:, None, None, :]
 
 
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """Boolean mask `[batch, 1, T, T]` from `segment_ids: int[batch, T]`: a query sees only keys of its own segment.
+
+  With the attention's own causal mask this is the block-causal mask of packed
+  documents (`jax.nn.dot_product_attention` in jax 0.10 has no segment-id
+  argument, so the mask is explicit).
+  """
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+
+
 class Attention(bx.Module):
   """Causal self-attention with RoPE, optional QK-norm and sliding window.
 
   Call forms:
     `y, params = attn(params, x, positions)`: training / full sequence,
-      causal (and windowed) by construction.
+      causal (and windowed) by construction; an optional `mask=`
+      (`bool[batch, 1, T, T]`, e.g. `segment_mask`) further restricts it.
     `(y, new_kv), params = attn(params, x, positions, cache, mask=m, cache_index=i)`:
       decoding. `cache = {'k', 'v'}: [batch, S, kv_heads, head_dim]` holds the
       earlier tokens' keys/values; the T new ones are written at slots

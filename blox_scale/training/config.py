@@ -46,6 +46,7 @@ class DataConfig:
   eval_fraction: float = field(0.02, 'Fraction of the corpus held out for eval loss.')
   max_bytes: int = field(4_000_000, "Cap on the bytes read for the 'stdlib' corpus (keeps start-up fast).")
   worker_count: int = field(0, 'grain worker processes (0 = in the main process).')
+  packing: str = field('concat', "'concat': windows of the plain token stream (tokens attend across documents); 'document': windows also carry segment_ids and positions, attention is block-causal within each document, positions restart per document and the cross-document target is not counted.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
     corpus (1-d token stream: stdlib source | text files | token file | ArrayRecord)
       -> PackedWindows: window i = tokens[i*T : i*T + T + 1]      (T = seq_len)
          -> {'inputs': int32[T], 'targets': int32[T], 'mask': float32[T]}
+            (+ 'segment_ids', 'positions': int32[T] with data.packing='document')
       -> train: grain MapDataset .shuffle(seed) .repeat() .batch(rows per process)
                 [first::chunks_per_batch]  -> this process's rows of each global batch
       -> eval:  the last `eval_fraction` of the windows, in order
@@ -207,6 +208,43 @@ def load_tokens(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> np.ndarr
   return SOURCES[cfg.source](cfg, tokenizer or get_tokenizer(cfg.tokenizer))
 
 
+# data.packing: plain concatenation, or documents kept apart by segment ids.
+PACKINGS = ('concat', 'document')
+
+
+def _byte_document_ends(lengths: list[int], total: int) -> np.ndarray:
+  """Stream offsets of the last byte of each document joined by `DOCUMENT_SEPARATOR` (the separator ends its document)."""
+  ends = np.cumsum(np.asarray(lengths, np.int64) + len(DOCUMENT_SEPARATOR)) - 1
+  return np.minimum(ends, total - 1)
+
+
+def document_ends(cfg: DataConfig, tokenizer: Tokenizer, tokens: np.ndarray) -> tuple[int | None, np.ndarray | None]:
+  """How `data.packing='document'` finds document boundaries: `(eos_id, None)` or `(None, ends)`.
+
+  A tokenizer with an end-of-document token marks them in the stream itself
+  (the eos token ends its document). The byte tokenizer has none: the
+  boundaries are the corpus's file/record boundaries, returned as the sorted
+  stream offsets of each document's last byte (its trailing blank line).
+  """
+  if tokenizer.eos_id is not None:
+    return tokenizer.eos_id, None
+  if not isinstance(tokenizer, ByteTokenizer):
+    raise ConfigError(f"data.packing='document': data.tokenizer={cfg.tokenizer!r} has no end-of-document token "
+                      "(eos) to find documents by; use a tokenizer with one or data.packing='concat'.")
+  if cfg.source == 'stdlib':
+    lengths = [len(d) for d in stdlib_documents(cfg.max_bytes)]
+  elif cfg.source == 'text':
+    lengths = [os.path.getsize(p) for p in _expand(cfg.path, 'data.path')]
+  elif cfg.source == 'array_record':
+    source = grain.sources.ArrayRecordDataSource(_expand(cfg.path, 'data.path'))
+    lengths = [len(bytes(source[i])) for i in range(len(source))]
+  else:
+    raise ConfigError(f"data.packing='document': data.source={cfg.source!r} with data.tokenizer={cfg.tokenizer!r} "
+                      'has no end-of-document token to find documents by; use a tokenizer with an eos token '
+                      "or data.packing='concat'.")
+  return None, _byte_document_ends(lengths, len(tokens))
+
+
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
   """Entropy in nats of the token frequencies: the loss of the best model with no context."""
   counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
@@ -226,10 +264,20 @@ class PackedWindows:
   `s = (start + i) * seq_len`: consecutive windows share one token, so every
   token of the stream is a target exactly once. The last window of the
   stream may be short: it is padded with 0 and its mask is 0 there.
+
+  Document packing (`eos_id`: the token that ends a document, or `doc_ends`:
+  sorted stream offsets of each document's last token) adds `segment_ids`
+  (1, 2, ... per document within the window; 0 on padding) and `positions`
+  (0 at each document's first token in the window), and zeroes the mask of
+  the cross-document target (the input that ends a document, whose target
+  starts the next one).
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int, start: int = 0, stop: int | None = None):
+  def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int, start: int = 0, stop: int | None = None,
+               *, eos_id: int | None = None, doc_ends: np.ndarray | None = None):
     self.tokens = tokens
+    self.eos_id = eos_id
+    self.doc_ends = doc_ends
     self.seq_len = seq_len
     self.vocab_size = vocab_size
     total = num_windows(len(tokens), seq_len)
@@ -254,7 +302,23 @@ class PackedWindows:
     window[:chunk.size] = chunk
     mask = np.zeros(self.seq_len, np.float32)
     mask[:valid] = 1.0
-    return {'inputs': window[:-1], 'targets': window[1:], 'mask': mask}
+    item = {'inputs': window[:-1], 'targets': window[1:], 'mask': mask}
+    if self.eos_id is None and self.doc_ends is None:
+      return item
+    if self.eos_id is not None:
+      ends = chunk[:valid] == self.eos_id
+    else:
+      offsets = begin + np.arange(valid, dtype=np.int64)
+      at = np.minimum(np.searchsorted(self.doc_ends, offsets), len(self.doc_ends) - 1)
+      ends = self.doc_ends[at] == offsets
+    segments = np.zeros(self.seq_len, np.int32)
+    segments[:valid] = 1 + np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int32)
+    index = np.arange(self.seq_len, dtype=np.int32)
+    starts = np.where(np.concatenate([[True], segments[1:] != segments[:-1]]), index, 0)
+    item['segment_ids'] = segments
+    item['positions'] = (index - np.maximum.accumulate(starts)).astype(np.int32)
+    mask[:valid][ends] = 0.0
+    return item
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
@@ -385,12 +449,18 @@ def build_data(cfg: DataConfig, vocab_size: int, *, rows: slice | None = None, e
     check_vocab(tokenizer, vocab_size, cfg.tokenizer)
     tokens = load_tokens(cfg, tokenizer)
   total = num_windows(len(tokens), cfg.seq_len)
+  if cfg.packing not in PACKINGS:
+    raise ConfigError(f"data.packing={cfg.packing!r}: use one of {', '.join(PACKINGS)}.")
+  eos_id = doc_ends = None
+  if cfg.packing == 'document':
+    tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
+    eos_id, doc_ends = document_ends(cfg, tokenizer, tokens)
   if not 0.0 <= cfg.eval_fraction < 1.0:
     raise ConfigError(f'data.eval_fraction={cfg.eval_fraction}: must be in [0, 1); pick a fraction below 1.')
   n_eval = 0 if cfg.eval_fraction == 0 else max(1, int(round(total * cfg.eval_fraction)))
   n_train = total - n_eval
-  train_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, 0, n_train)
-  eval_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, n_train, total)
+  train_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, 0, n_train, eos_id=eos_id, doc_ends=doc_ends)
+  eval_windows = PackedWindows(tokens, cfg.seq_len, vocab_size, n_train, total, eos_id=eos_id, doc_ends=doc_ends)
   train = train_dataset(train_windows, cfg.batch_size, cfg.shuffle_seed, rows)
   evals = eval_dataset(eval_windows, cfg.batch_size, rows) if n_eval else None
   # Entropy of the training split (what the model sees): the bar its loss must beat. At most

@@ -83,14 +83,17 @@ def abstract_train_state(model: Any, optimizer: optax.GradientTransformation, se
   return jax.eval_shape(_init_fn(model, optimizer, seed))
 
 
-def abstract_batch(batch_size: int, seq_len: int, sharding: Any = None) -> Batch:
+def abstract_batch(batch_size: int, seq_len: int, sharding: Any = None, packing: str = 'concat') -> Batch:
   """The train/eval batch as ShapeDtypeStructs (placed with `sharding`, e.g. `batch_sharding(mesh, rules)`).
 
   {'inputs': int32[B, T], 'targets': int32[B, T], 'mask': float32[B, T]}:
   the one description of a batch that the trainer, blox-plan and the tests
-  compile against.
+  compile against. `packing='document'` (data.packing) adds
+  'segment_ids' and 'positions': int32[B, T].
   """
   dtypes = {'inputs': jnp.int32, 'targets': jnp.int32, 'mask': jnp.float32}
+  if packing == 'document':
+    dtypes.update(segment_ids=jnp.int32, positions=jnp.int32)
   return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sharding) for k, dt in dtypes.items()}
 
 
