@@ -7,11 +7,14 @@
 # jax.distributed.initialize() needs no arguments: blox_scale.parallel.distributed
 # sees TPU_WORKER_HOSTNAMES and lets JAX read the coordinator, the process
 # count and this host's id from the TPU metadata. Every host must see the
-# same code and data paths (e.g. a git checkout and a GCS bucket).
+# same code and data paths, and train.workdir must be one directory all hosts
+# share (e.g. a Filestore/NFS mount or a gcsfuse-mounted bucket): every host
+# writes its shards of each checkpoint there.
 #
 # Environment:
 #   BLOX_REPO   where the repo lives on the workers (default: ~/blox)
-#   BLOX_SETUP  a command run first on every worker (e.g. "pip install -e ~/blox")
+#   BLOX_SETUP  a command run first on every worker (default: pip install -q -e "$BLOX_REPO[tpu]",
+#               jax with the TPU runtime)
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -29,7 +32,7 @@ fi
 [[ "${1:-}" == "--" ]] && shift
 ARGS=$(printf ' %q' "$@")
 REPO=${BLOX_REPO:-'~/blox'}
-SETUP=${BLOX_SETUP:-true}
+SETUP=${BLOX_SETUP:-"pip install -q -e '$REPO[tpu]'"}
 
 # One SSH session per worker, all at once; output is prefixed by gcloud with
 # the worker id. A worker that dies makes the others exit within

@@ -46,13 +46,38 @@ def test_unknown_key_names_it_and_suggests():
     ('model.num_layers=abc', r'model.num_layers: expected an integer'),
     ('model.num_layers=1.5', r'model.num_layers: expected an integer'),
     ('model.qk_norm=1', r'model.qk_norm: expected true/false'),
-    ('model.norm=3', r'model.norm: expected a string'),
+    # A string field takes the text as typed (issue 13: `train.sample_prompt='## '` stays a string),
+    # so a number there fails as an unknown name, still naming the key.
+    ('model.norm=3', r"model.norm='3': is not a known name"),
     ('model.init_std=true', r'model.init_std: expected a number'),
     ('model=3', r"'model' must be a mapping"),
 ])
 def test_wrong_type_names_the_key(override, pattern):
   with pytest.raises(ConfigError, match=pattern):
     load_config(None, [override])
+
+
+def test_string_fields_keep_the_text_as_typed():
+  cfg = load_config(None, ['train.sample_prompt=## ', 'data.tokenizer=byte', 'train.workdir=yes'], files=False)
+  assert cfg.train.sample_prompt == '## ' and cfg.train.workdir == 'yes'  # YAML would read None and True
+  cfg = load_config(None, ["train.sample_prompt='# a'", 'model.num_layers=3'], files=False)
+  assert cfg.train.sample_prompt == '# a' and cfg.model.num_layers == 3  # quoted YAML and other types as before
+
+
+def test_each_preset_trains_into_its_own_workdir(tmp_path):
+  assert load_config('configs/gpt2_124m.yaml', files=False).train.workdir == 'runs/gpt2_124m'
+  assert load_config('configs/tiny.yaml', files=False).train.workdir == 'runs/tiny'
+  assert load_config(None, files=False).train.workdir == 'runs/tiny'
+  given = load_config('configs/gpt2_124m.yaml', [f'train.workdir={tmp_path}'], files=False)
+  assert given.train.workdir == str(tmp_path)
+  preset = tmp_path / 'mine.yaml'
+  preset.write_text('base: ' + str(Path('configs/tiny.yaml').absolute()) + '\ntrain:\n  workdir: runs/elsewhere\n')
+  assert load_config(preset, files=False).train.workdir == 'runs/elsewhere'
+
+
+def test_a_remote_workdir_is_refused_at_config_time():
+  with pytest.raises(ConfigError, match=r"train.workdir='gs://bucket/run': remote URLs are not supported"):
+    load_config(None, ['train.workdir=gs://bucket/run'])
 
 
 def test_key_set_twice():

@@ -142,14 +142,13 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   import numpy as np
   import orbax.checkpoint as ocp
 
-  import blox as bx
-  from blox_scale.models import DecoderLM
+  from blox_scale.models import build_model
   from blox_scale.training.checkpoint import CHECKPOINT_DIR, find_workdir, flat_names, read_config
 
   workdir, step_from_path = find_workdir(workdir)
   step = step if step is not None else step_from_path
   config = read_config(workdir)
-  model = DecoderLM(bx.Graph('lm'), config.model)
+  model = build_model(config.model)
   names, leaves, _ = flat_names(jax.eval_shape(model.init, 0))
   abstract = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in zip(names, leaves)}
   manager = ocp.CheckpointManager(workdir.absolute() / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))

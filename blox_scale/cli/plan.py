@@ -213,11 +213,43 @@ def _check(args: Any) -> tuple[Any, list[str]]:
   if args.seq_len:
     overrides.append(f'data.seq_len={args.seq_len}')
   cfg = load_config(args.config, overrides, files=False)  # seq_len vs max_seq_len, heads, ...
+  cfg, assumed = _planned_shape(cfg, args)
   check_devices(cfg, args.devices)  # the mesh fits the devices, the batch splits
+  for line in assumed:
+    print(f'assumed: {line}', flush=True)
   if args.remat == 'auto' and not (args.hbm or cfg.model.remat_budget_gib):
     raise UsageError('--remat auto: needs the per-device memory to plan for; pass --hbm GiB '
                      '(or model.remat_budget_gib=GiB)')
   return cfg, remats
+
+
+def _planned_shape(cfg: Any, args: Any) -> tuple[Any, list[str]]:
+  """The batch to plan: the preset's sequence length and a batch every batch shard gets rows of.
+
+  A preset's `model.max_seq_len` is the length it is meant to train at
+  (`data.seq_len` defaults to a short 128 for CPU runs): planning at 128
+  would show every remat policy with the same memory. The global batch is
+  rounded up to a multiple of the batch shards x accumulation steps, so any
+  device count can be planned. Returns the config and what was assumed.
+  """
+  import dataclasses
+
+  from blox_scale.training.validation import batch_shards, mesh_sizes
+
+  assumed = []
+  data = cfg.data
+  if not args.seq_len and data.seq_len != cfg.model.max_seq_len:
+    assumed.append(f'seq_len {cfg.model.max_seq_len} (the preset\'s model.max_seq_len, not data.seq_len={data.seq_len}; '
+                   '--seq-len to change)')
+    data = dataclasses.replace(data, seq_len=cfg.model.max_seq_len)
+  if not args.batch_size:
+    multiple = batch_shards(cfg.mesh, mesh_sizes(cfg.mesh, args.devices)) * cfg.optimizer.grad_accum_steps
+    batch = -(-data.batch_size // multiple) * multiple
+    if batch != data.batch_size:
+      assumed.append(f'batch {batch} (data.batch_size={data.batch_size} rounded up to a multiple of '
+                     f'{multiple} batch shards x accumulation steps; --batch-size to change)')
+      data = dataclasses.replace(data, batch_size=batch)
+  return dataclasses.replace(cfg, data=data), assumed
 
 
 def _main(argv: list[str]) -> int:

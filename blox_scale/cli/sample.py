@@ -107,6 +107,7 @@ def _main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   _check_args(args)
   model, params, tokenizer = _load(args)
+  model.check_can_decode()  # a model.block without a KV-cache call form: one line, exit 1
   if args.max_new_tokens >= model.config.max_seq_len:
     raise UsageError(f'--max-new-tokens={args.max_new_tokens}: the model holds at most model.max_seq_len='
                      f'{model.config.max_seq_len} tokens, prompt included; ask for fewer')

@@ -272,7 +272,8 @@ def train(config: Config) -> int:
   spikes = LossSpikeGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
   if latest is not None and primary:  # the guard continues across restarts
     spikes.extend([r['loss'] for r in read_metrics(workdir, 'train') if r['step'] <= step])
-  progress = Progress(cfg.train.steps, step, enabled=primary and cfg.train.progress)
+  # A bar only on a terminal: carriage returns garble log files and launch/local.sh's prefixed output.
+  progress = Progress(cfg.train.steps, step, enabled=primary and cfg.train.progress and sys.stderr.isatty())
   throughput = Throughput(tokens_per_step, flops_per_token,
                           lambda tokens_per_sec: flops.mfu(tokens_per_sec, flops_per_token, jax.device_count()))
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics since the last log (no sync per step)
@@ -374,7 +375,10 @@ def train(config: Config) -> int:
       path = plot_losses(workdir, data.unigram_entropy)
       log(f'loss curve: {path}')
     if cfg.train.sample_tokens > 0 and jax.process_count() == 1:
-      print_samples(cfg, model, state.params, tokenizer)
+      if model.can_decode:
+        print_samples(cfg, model, state.params, tokenizer)
+      else:
+        log(f'samples skipped: model.block={cfg.model.block!r} takes no KV cache (docs/custom_blocks.md)')
   except (NonFiniteError, DivergenceError) as e:
     progress.close()
     if primary:

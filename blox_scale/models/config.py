@@ -2,7 +2,7 @@
 
 Model code reads it; training code re-exports it (`blox_scale.training.config`).
 Fields that a block family also has take their default and doc from that
-family's config (`inherit`, nn/config.py), and `block()` derives the
+family's config (`inherit`, nn/config.py), and `block_config()` derives the
 `BlockConfig` the Stack repeats: defaults live in one place.
 """
 
@@ -46,8 +46,12 @@ class ModelConfig:
   scan_layers: bool = field(True, 'Run the Stack with lax.scan (False: a Python loop over the same params).')
   z_loss: float = field(0.0, 'Weight of the z-loss (log-softmax normaliser squared); 0 disables.')
   init_std: float = inherit(AttentionConfig, 'init_std')
+  block: str = field('', "The layer the Stack repeats: '' (TransformerBlock) or 'pkg.module:factory', a function (graph, model_config, rng) -> Module (docs/custom_blocks.md).")
+  # Not hashed: a dict is unhashable, and the block's own options never key a jit cache.
+  block_args: dict = dataclasses.field(default_factory=dict, hash=False, metadata={
+      'doc': 'Free-form options of a model.block factory, validated by the factory (read as model_config.block_args).'})
 
-  def block(self, attention_impl: str | None = None) -> BlockConfig:
+  def block_config(self, attention_impl: str | None = None) -> BlockConfig:
     """The `BlockConfig` of every layer: same-named fields copied, the rest derived here.
 
     Residual-branch output projections (attention `o`, MLP `wo`) start with

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 import blox as bx
 from blox.layers import DType, cast
+from blox_scale.models import plugin
 from blox_scale.models.config import ModelConfig
 from blox_scale.nn.attention import Cache, attention_mask, segment_mask
 from blox_scale.nn.block import TransformerBlock, make_norm
@@ -76,7 +77,7 @@ class DecoderLM:
   loss, (metrics, params) = model.loss(params, batch, is_training=True)
   ```
   `DecoderLM` is not itself a `bx.Module` (the root graph binds none); its
-  parts are. Every layer is a `TransformerBlock(graph, config.block(), rng)`.
+  parts are. Every layer is a `TransformerBlock(graph, config.block_config(), rng)`.
   """
 
   def __init__(self, graph: bx.Graph, config: ModelConfig, *, attention_impl: str | None = None) -> None:
@@ -99,8 +100,12 @@ class DecoderLM:
       self.pos_embed = bx.Embed(graph.child('pos_embed'), c.max_seq_len, c.d_model, self.rng, embedding_init=init,
                                 embedding_metadata={'sharding': (None, 'embed')},
                                 param_dtype=self.param_dtype, dtype=self.dtype)
-    block_config = c.block(attention_impl)
-    block = lambda g: TransformerBlock(g, block_config, self.rng)
+    if c.block:  # the user's layer (models/plugin.py); the Stack repeats it like any block
+      factory = plugin.resolve(c.block)
+      block = lambda g: factory(g, c, self.rng)
+    else:
+      block_config = c.block_config(attention_impl)
+      block = lambda g: TransformerBlock(g, block_config, self.rng)
     if c.remat == 'auto':
       raise ValueError("DecoderLM: model.remat='auto' is resolved by the trainer (blox-train, blox-plan) from the "
                        'compiled step; build the model with the policy it chose '
@@ -204,6 +209,19 @@ class DecoderLM:
 
   # -- decoding with a KV cache --------------------------------------------------
 
+  @property
+  def can_decode(self) -> bool:
+    """Whether the repeated block takes a KV cache (TransformerBlock does; a `model.block` may not)."""
+    return plugin.supports_cache(self.layers.block)
+
+  def check_can_decode(self) -> None:
+    """Raises `plugin.DecodeNotSupported` (one line) when the block cannot decode with a KV cache."""
+    if not self.can_decode:
+      raise plugin.DecodeNotSupported(
+          f'model.block={self.config.block!r}: its block takes no KV cache, so this model cannot decode '
+          '(blox-sample, end-of-training samples); give its __call__ a cache parameter '
+          '(the call form is in docs/custom_blocks.md)')
+
   def init_cache(self, batch: int, length: int, dtype: DType | None = None) -> Cache:
     """Zeros `{'k', 'v'}: [num_layers, batch, length, kv_heads, head_dim]` (compute dtype)."""
     shape = (self.config.num_layers, batch, length, self.num_kv_heads, self.head_dim)
@@ -230,6 +248,7 @@ class DecoderLM:
     nor the Python loop copies the cache into its outputs.
     """
     self._check_tokens(tokens, 'decode')
+    self.check_can_decode()
     batch, seq = tokens.shape
     length = cache['k'].shape[2]
     slots = cache_index + jnp.arange(seq, dtype=jnp.int32)                          # [T]

@@ -43,7 +43,7 @@ class TransformerBlock(bx.Module):
   `positions: int[batch, T]`; cache and mask as in `Attention`.
   Children: norm_1, attn, norm_2, mlp (and dropout with `dropout_rate > 0`).
   `config`: a `BlockConfig` (`BlockConfig.create(d_model=..., num_heads=...)`
-  or `ModelConfig.block()`).
+  or `ModelConfig.block_config()`).
   """
 
   def __init__(self, graph: bx.Graph, config: BlockConfig, rng: bx.Rng | None = None) -> None:

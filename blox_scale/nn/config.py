@@ -3,12 +3,12 @@
 Each block takes a small config (nanoGPT's `Block(config)`) instead of a
 long keyword list restated at every level. The defaults and one-line docs
 live here, once: `ModelConfig` (models/config.py) declares its matching
-fields with `inherit(...)`, and `ModelConfig.block()` derives these configs
+fields with `inherit(...)`, and `ModelConfig.block_config()` derives these configs
 by copying every field of the same name, so a new block option is one field
 here, one `inherit` line there, and its use in the block.
 
   attn = Attention(graph, AttentionConfig(num_heads=8, num_kv_heads=2), rng)
-  block = TransformerBlock(graph, model_config.block(), rng)
+  block = TransformerBlock(graph, model_config.block_config(), rng)
 """
 
 from __future__ import annotations

@@ -69,11 +69,11 @@ class TrainConfig:
   """The loop: length, seeds, logging, eval and samples."""
   steps: int = field(300, 'Optimizer steps to train for (the default run: about 2 minutes on 2 CPU cores).')
   seed: int = field(0, 'Seed of params init and dropout.')
-  workdir: str = field('runs/tiny', 'Directory for checkpoints, metrics.jsonl and plots.')
+  workdir: str = field('runs/tiny', 'Directory for checkpoints, metrics.jsonl and plots (with --config and no workdir given: runs/<preset name>). Multi-host runs need a directory every host shares.')
   log_every: int = field(10, 'Write a metrics line every N steps.')
   eval_every: int = field(100, 'Eval loss every N steps (0 disables).')
   eval_batches: int = field(4, 'Batches per eval.')
-  progress: bool = field(True, 'Show a live progress bar.')
+  progress: bool = field(True, 'Show a live progress bar when stderr is a terminal (plain log lines otherwise, e.g. in SLURM logs).')
   sample_prompt: str = field('def ', 'Prompt for the samples printed at the end.')
   sample_tokens: int = field(120, 'Tokens sampled at the end (0 disables).')
   sample_temperature: float = field(0.8, 'Sampling temperature (0 = greedy).')
@@ -255,14 +255,40 @@ def merge_into(config: Any, data: dict[str, Any], prefix: str = '') -> Any:
     if key not in hints:
       raise _unknown_key(str(key), names, prefix)
     current = getattr(config, key)
+    if isinstance(value, CommandLineValue):
+      value = value.for_field(hints[key])
     if dataclasses.is_dataclass(current):
       changes[key] = merge_into(current, value, f'{prefix}{key}.')
     elif isinstance(current, dict):
       # Mapping fields (mesh.rules) are updated key by key, not replaced.
+      value = {k: v.value if isinstance(v, CommandLineValue) else v for k, v in value.items()} if isinstance(value, dict) else value
       changes[key] = {**current, **_coerce(value, hints[key], f'{prefix}{key}')}
     else:
       changes[key] = _coerce(value, hints[key], f'{prefix}{key}')
   return dataclasses.replace(config, **changes)
+
+
+class CommandLineValue:
+  """A `key=value` override: the YAML-parsed value and the text as typed.
+
+  The text is kept because YAML reads some strings as other things (`'## '`
+  is a comment, i.e. null; `yes` is true): for a field whose type is `str` the
+  typed text is the value, unless YAML itself read a string (quoted input).
+  """
+
+  def __init__(self, raw: str, value: Any) -> None:
+    self.raw, self.value = raw, value
+
+  def for_field(self, annotation: Any) -> Any:
+    return self.raw if annotation is str and not isinstance(self.value, str) else self.value
+
+  def __eq__(self, other: Any) -> bool:  # compares as the parsed value (`{'d_model': 64}` equals the override)
+    return self.value == (other.value if isinstance(other, CommandLineValue) else other)
+
+  __hash__ = None  # type: ignore[assignment]
+
+  def __repr__(self) -> str:
+    return repr(self.value)
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -282,6 +308,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     if key in flat and flat[key] != value:
       raise ConfigError(f'Override {key} is set twice with different values ({flat[key]!r} and {value!r}). Keep one.')
     flat[key] = value
+    value = CommandLineValue(raw, value)
     node = nested
     parts = key.split('.')
     for part in parts[:-1]:
@@ -333,10 +360,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
   files: also check the paths the config names (False for tools that read no data and write nothing).
   """
   config = Config()
+  sets_workdir = False  # train.workdir given by the preset or the command line
   if path is not None:
-    config = merge_into(config, load_yaml(path))
+    data = load_yaml(path)
+    sets_workdir = isinstance(data.get('train'), dict) and 'workdir' in data['train']
+    config = merge_into(config, data)
   if overrides:
-    config = merge_into(config, parse_overrides(overrides))
+    data = parse_overrides(overrides)
+    sets_workdir = sets_workdir or (isinstance(data.get('train'), dict) and 'workdir' in data['train'])
+    config = merge_into(config, data)
+  if path is not None and not sets_workdir:
+    # Each preset trains into its own runs/<preset name>: two presets never resume each other's checkpoints.
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, workdir=f'runs/{Path(path).stem}'))
   validate(config, files)
   return config
 

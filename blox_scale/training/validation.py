@@ -69,7 +69,13 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
   from blox_scale.nn.block import NORMS
   from blox_scale.nn.mlp import ACTIVATIONS
   from blox_scale.stacking.remat import valid_names
+  from blox_scale.models.plugin import PluginError, resolve
 
+  if m.block:  # import the user's factory and build its block now: a config error, not a crash after compile
+    try:
+      resolve(m.block)
+    except PluginError as e:
+      raise ConfigError(str(e)) from e
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'mlp_dim', 'max_seq_len'):
     _at_least(f'model.{key}', getattr(m, key), 1)
   for key in ('num_kv_heads', 'head_dim', 'sliding_window'):
@@ -103,7 +109,20 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
           'use a divisor of num_heads (1 = multi-query, 0 = num_heads)')
   if tokenizer == 'byte' and m.vocab_size < 256:  # a tokenizer file's vocab is checked where it is loaded
     _fail('model.vocab_size', m.vocab_size, 'is smaller than the byte tokenizer (256 ids)', 'set model.vocab_size=256 or more')
+  if m.block:
+    _check_block(m)
 
+
+
+def _check_block(m: Any) -> None:
+  """Constructs the model (modules only, no arrays), so the factory checks `model.block_args` here."""
+  from blox_scale.models import build_model
+
+  try:
+    build_model(m)
+  except (ValueError, TypeError, KeyError) as e:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(message if message.startswith('model.') else f'model.block={m.block!r}: {message}') from e
 
 def check_data(d: Any, max_seq_len: int, files: bool = True) -> None:
   """`data.*`: ranges, names, and (`files`) the files behind `data.path`."""
@@ -201,6 +220,9 @@ def check_workdir(workdir: str) -> None:
   """Non-empty, not a file, and inside a directory this process can write."""
   if not workdir.strip():
     _fail('train.workdir', workdir, 'is empty (it would write into the current directory)', 'set train.workdir=runs/NAME')
+  if '://' in workdir:
+    _fail('train.workdir', workdir, 'remote URLs are not supported (checkpoints, metrics and config.yaml are written '
+          'with local file I/O)', 'use a local or shared mounted directory, e.g. a gcsfuse or NFS mount (docs/scaling.md)')
   path = Path(workdir).expanduser().absolute()
   if path.exists() and not path.is_dir():
     _fail('train.workdir', workdir, 'exists and is not a directory', 'pick another train.workdir')
