@@ -23,3 +23,30 @@ def test_custom_blocks_page_runs(tmp_path):
   ran = run_page(REPO / 'docs' / 'custom_blocks.md', tmp_path)
   assert sum(b.lang == 'bash' for b in ran) >= 4
   assert (tmp_path / 'runs' / 'parallel' / 'config.yaml').exists()
+
+
+# Pages with their own tests: stack.md (test_stack_docs.py), interop.md (test_interop_docs.py),
+# comparison.md (test_comparison_docs.py), custom_blocks.md (above), benchmarks.md (test_benchmarks_page.py).
+PAGES = ['README.md', 'docs/design.md', 'docs/scaling.md', 'docs/sharp_bits.md', 'docs/training.md',
+         'docs/architecture.md', 'docs/reliability.md']
+# Pages whose blocks are not run here yet, and why (each is a known gap, not a pass).
+NOT_RUN = {
+    'docs/finetuning.md': 'its commands train the tiny model for minutes; tests/test_finetune_train.py runs them shrunk',
+    'docs/benchmarks.md': 'its command is the 15+ minute peer benchmark; tests/test_benchmarks_page.py checks the page',
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('page', PAGES)
+def test_page_runs(page, tmp_path):
+  path = REPO / page
+  if not path.exists():
+    pytest.skip(f'{page} is not in this checkout')
+  run_page(path, tmp_path)
+
+
+def test_every_page_is_run_somewhere():
+  tested = set(PAGES) | set(NOT_RUN) | {'docs/stack.md', 'docs/interop.md', 'docs/comparison.md', 'docs/custom_blocks.md',
+                         }
+  pages = {'README.md'} | {str(p.relative_to(REPO)) for p in (REPO / 'docs').glob('*.md')}
+  assert pages <= tested, f'add these pages to tests/test_docs.py: {sorted(pages - tested)}'
