@@ -5,7 +5,8 @@
   python blocks (a block sees the names of the python blocks just before it,
   as in a notebook; a shell block in between starts a new interpreter);
 - ```bash blocks run with `bash -euo pipefail`;
-everything in one fresh directory, with the repository first on PYTHONPATH
+everything in one fresh directory (with the presets linked at configs/, as in a
+checkout's root), with the repository first on PYTHONPATH
 (so the page tests this checkout, also through the console scripts).
 A block preceded by `<!-- doc-test: skip REASON -->` is not run (e.g. it
 needs a cluster) but must still parse; the REASON is mandatory.
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r'(?:<!--\s*doc-test:\s*skip\s+(?P<reason>[^>]*?)\s*-->\s*\n)?^```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)^```',
+FENCE = re.compile(r'(?:<!--[ \t]*doc-test:[ \t]*skip[ \t]+(?P<reason>[^\n]*?)[ \t]*-->[ \t]*\n)?^```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)^```',
                    re.M | re.S)
 
 
@@ -50,6 +51,8 @@ def run_page(page: Path, workdir: Path, *, timeout: float = 600) -> list[Block]:
   """Runs every block of `page` in `workdir`; returns the blocks it ran. Raises DocBlockError."""
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep)}
   env.pop('XLA_FLAGS', None)  # as a reader's shell: one CPU device unless the page says otherwise
+  if not (workdir / 'configs').exists():  # pages run from a checkout's root: presets at configs/
+    (workdir / 'configs').symlink_to(REPO / 'configs')
   ran: list[Block] = []
   python: list[tuple[Block, str]] = []
 
