@@ -142,6 +142,7 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   import numpy as np
   import orbax.checkpoint as ocp
 
+  import blox as bx
   from blox_scale.models import build_model
   from blox_scale.training.checkpoint import CHECKPOINT_DIR, find_workdir, flat_names, read_config
 
