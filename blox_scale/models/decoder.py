@@ -176,7 +176,9 @@ class DecoderLM:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
     mask = None if segment_ids is None else segment_mask(segment_ids)
     x, params = self._embed(params, tokens, positions.astype(jnp.int32))
-    x, params = self.layers(params, x, positions=positions.astype(jnp.int32), mask=mask, is_training=is_training)
+    # `mask=` only for packed documents: a block without packing support keeps working unpacked.
+    extra = {} if mask is None else {'mask': mask}
+    x, params = self.layers(params, x, positions=positions.astype(jnp.int32), is_training=is_training, **extra)
     return self._logits(params, x)
 
   def loss(self, params: bx.Params, batch: Batch, is_training: bool = True) -> tuple[jax.Array, tuple[dict[str, jax.Array], bx.Params]]:
