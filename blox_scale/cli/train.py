@@ -44,9 +44,10 @@ from blox_scale.parallel import distributed
 from blox_scale import flops
 from blox_scale.cli.common import ArgumentParser, run_cli
 from blox_scale.training.checkpoint import Checkpointer
-from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_config, merge_into, read_config, save_config
+from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_config, merge_into, read_config, save_config, to_dict
 from blox_scale.training.data import build_data, check_corpus, load_tokens
 from blox_scale.training.integrity import all_finite
+from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
 from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, memory_report, plot_losses
 from blox_scale.models import DecoderLM
@@ -256,7 +257,9 @@ def train(config: Config) -> int:
   eval_step = make_eval_step(model, mesh, rules, batch_shardings)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
-  writer = MetricsWriter(workdir, enabled=primary)
+  writer = MetricsWriter(workdir, enabled=primary,
+                         trackers=make_trackers(workdir, cfg.train, to_dict(cfg)) if primary else ())
+  profile = Profile(workdir / PROFILE_DIR, cfg.train.profile, enabled=primary)
   memory = memory_report(compiled)
   if changes:
     writer.write({'kind': 'config_change', 'step': step, 'changes': {k: list(v) for k, v in changes.items()}})
@@ -328,6 +331,7 @@ def train(config: Config) -> int:
 
   try:
     while step < cfg.train.steps:
+      profile.before(step, state)
       batch = distributed.make_global_batch(next(data.train), mesh, rules)
       state, metrics = compiled(state, batch)  # async: returns before the device is done
       checkpoints.check()  # a failed background save stops the run now, not at the next save
@@ -354,6 +358,7 @@ def train(config: Config) -> int:
         break
 
     # -- 9. end -------------------------------------------------------------------------------------
+    profile.before(max(step, cfg.train.steps), state)  # a trace still open ends here
     save(step)
     checkpoints.wait()
     progress.close()
@@ -387,6 +392,7 @@ def train(config: Config) -> int:
   finally:
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)
+    profile.stop()
     writer.close()
     checkpoints.close()
   return exit_code

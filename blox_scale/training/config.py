@@ -80,6 +80,10 @@ class TrainConfig:
   plot: bool = field(True, 'Write loss.png to the workdir at the end.')
   divergence_factor: float = field(2.0, 'Loss-spike guard: stop (exit 2, before checkpointing) when the logged loss stays above this multiple of its running median (0 disables).')
   divergence_patience: int = field(3, 'Consecutive log steps above train.divergence_factor x median that stop the run.')
+  tensorboard: bool = field(True, 'Also write the train/eval/goodput scalars of metrics.jsonl as TensorBoard event files to <workdir>/tensorboard (primary process; tensorboardX).')
+  wandb: bool = field(False, 'Also log those scalars to Weights & Biases (needs `pip install wandb`; one W&B run per workdir, continued on resume).')
+  wandb_project: str = field('blox', 'W&B project of train.wandb.')
+  profile: tuple[int, ...] = field((), 'Capture a jax.profiler trace of steps [start, stop) into <workdir>/profile, e.g. [5,8] (empty = off; primary process).')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What a run reports: progress bar, metrics.jsonl, memory, loss plot.
+"""What a run reports: progress bar, metrics.jsonl (and its trackers), memory, loss plot.
 
 The trainer reads device values only at log steps (`jax.device_get` of the
 few scalars kept since the last log), so the host never waits for the device
@@ -12,7 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,11 +39,15 @@ class MetricsWriter:
   Appending (not truncating) keeps the history of a resumed run in one
   file; a resumed run re-logs the steps after its checkpoint, so readers
   take the last line per step (`read_metrics` does).
+
+  `trackers` (training/trackers.py: TensorBoard, W&B) receive every record
+  written, after its JSON line.
   """
 
-  def __init__(self, workdir: str | Path, enabled: bool = True):
+  def __init__(self, workdir: str | Path, enabled: bool = True, trackers: Sequence[Any] = ()):
     self.path = Path(workdir) / METRICS_FILE
     self.enabled = enabled
+    self.trackers = list(trackers) if enabled else []
     self._file = None
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,10 +56,16 @@ class MetricsWriter:
         self._file.write('\n')  # a process killed mid-line: start the next record on its own line
 
   def write(self, record: dict[str, Any]) -> None:
+    plain = {k: _plain(v) for k, v in record.items()}
     if self._file is not None:
-      self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + '\n')
+      self._file.write(json.dumps(plain) + '\n')
+    for tracker in self.trackers:
+      tracker.write(plain)
 
   def close(self) -> None:
+    for tracker in self.trackers:
+      tracker.close()
+    self.trackers = []
     if self._file is not None:
       self._file.close()
       self._file = None

@@ -212,8 +212,23 @@ def check_train(t: Any, data: Any, files: bool = True) -> None:
   if t.divergence_factor and not t.divergence_factor > 1:
     _fail('train.divergence_factor', t.divergence_factor, 'must be > 1 (or 0 to disable the guard)', 'use e.g. 3.0')
   _at_least('train.divergence_patience', t.divergence_patience, 1)
+  if t.profile and (len(t.profile) != 2 or not 0 <= t.profile[0] < t.profile[1]):
+    _fail('train.profile', list(t.profile), 'must be [start, stop] steps with 0 <= start < stop',
+          'e.g. train.profile=[5,8] traces steps 5, 6 and 7; train.profile=[] for no trace')
+  if t.wandb and not t.wandb_project.strip():
+    _fail('train.wandb_project', t.wandb_project, 'is empty', 'set train.wandb_project=NAME')
   if files:
     check_workdir(t.workdir)
+    if t.wandb:
+      _check_wandb()
+
+
+def _check_wandb() -> None:
+  try:
+    import wandb  # noqa: F401  (only when asked for: importing it takes a second)
+  except ImportError:
+    _fail('train.wandb', True, 'needs the wandb package, which is not installed',
+          'pip install wandb, or set train.wandb=false')
 
 
 def check_workdir(workdir: str) -> None:
