@@ -50,31 +50,7 @@ VARIANTS = {
     'nnx_functional': nnx_peer.build_functional,
     'equinox': eqx_peer.build,
 }
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-4  # per leaf, relative to the leaf's largest |gradient| (and 1e-5 of the largest overall)
-
-
-class Mismatch(AssertionError):
-  pass
-
-
-def check_grads(name: str, ref: tuple, got: tuple, where: str) -> float:
-  """Largest gradient difference relative to scale; raises Mismatch beyond tolerance."""
-  (ref_loss, ref_g), (loss, g) = ref, got
-  if abs(float(loss) - float(ref_loss)) > LOSS_RTOL * abs(float(ref_loss)):
-    raise Mismatch(f'{name} {where}: loss {float(loss)!r} != raw JAX {float(ref_loss)!r}')
-  overall = max(float(np.max(np.abs(np.asarray(v)))) for v in ref_g.values())
-  worst = 0.0
-  for key, r in ref_g.items():
-    r, x = np.asarray(r), np.asarray(g[key])
-    if r.shape != x.shape:
-      raise Mismatch(f'{name} {where}: gradient {key} has shape {x.shape}, raw JAX {r.shape}')
-    tol = GRAD_RTOL * float(np.max(np.abs(r))) + 1e-5 * overall
-    diff = float(np.max(np.abs(r - x)))
-    if diff > tol:
-      raise Mismatch(f'{name} {where}: gradient {key} differs from raw JAX by {diff:.3g} (tolerance {tol:.3g})')
-    worst = max(worst, diff / (tol or 1.0))
-  return worst
+from benchmarks.peers.common import LOSS_RTOL, Mismatch, check_grads  # noqa: E402
 
 
 def timed_steps(v: dict, batch: dict, n: int) -> list[float]:
