@@ -6,6 +6,7 @@ layouts), `nn/` and `models/` (blocks, DecoderLM, generation), `parallel/`
 checkpoints, metrics) and `cli/` (the command-line tools).
 """
 
+from blox_scale import _startup  # noqa: F401  (first: a command handles signals during its imports)
 from blox_scale import finetune, flops, nn
 from blox_scale.interop import hf
 from blox_scale.models import DecoderLM, ModelConfig

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from blox_scale import _startup
 from blox_scale.training.config import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -50,21 +52,39 @@ def debug_requested(argv: Sequence[str]) -> bool:
   return '--debug' in argv or os.environ.get(DEBUG_ENV, '') not in ('', '0')
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised like SIGINT's KeyboardInterrupt so that `finally` blocks run and the tool ends in one line."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+  raise Terminated()
+
+
 def run_cli(tool: str, fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-  """Runs `fn(argv)` (argv without `--debug`); returns its exit status, or 2/1 for what it raised."""
+  """Runs `fn(argv)` (argv without `--debug`); returns its exit status, or 2/1 for what it raised.
+
+  SIGINT/SIGTERM (unless the tool handles them itself, as blox-train does) end
+  it with one line, `tool: stopped by SIGTERM`, and status 128 + the signal
+  number; during the imports before, blox_scale/_startup.py does the same.
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = debug_requested(argv)
   if debug:
     os.environ[DEBUG_ENV] = '1'  # for the tool's own log filters
   argv = [a for a in argv if a != '--debug']
+  previous = {}
+  if _startup.installed():  # the start-up handlers exit at once: from here on, unwind instead
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
   try:
     code = fn(argv)
     return EXIT_OK if code is None else int(code)
   except SystemExit as e:  # --help, or a tool's own sys.exit
     return e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_FAILURE
-  except KeyboardInterrupt:
-    print(f'{tool}: interrupted', file=sys.stderr, flush=True)
-    return 130
+  except KeyboardInterrupt as e:
+    signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+    print(f'{tool}: stopped by {signum.name}', file=sys.stderr, flush=True)
+    return 128 + signum
   except Exception as e:  # noqa: BLE001  (every failure becomes one line; --debug shows the rest)
     if debug:
       traceback.print_exc()
@@ -75,3 +95,6 @@ def run_cli(tool: str, fn: Callable[[list[str]], int | None], argv: Sequence[str
     hint = '' if debug or (known and shown_whole) else f' (rerun with --debug or {DEBUG_ENV}=1 for the traceback)'
     print(f'{tool}: error: {what}{hint}', file=sys.stderr, flush=True)
     return EXIT_USAGE if usage else EXIT_FAILURE
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)

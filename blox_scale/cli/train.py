@@ -45,9 +45,10 @@ from blox_scale import flops
 from blox_scale.cli.common import ArgumentParser, run_cli
 from blox_scale.training.checkpoint import Checkpointer
 from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_config, merge_into, read_config, save_config, to_dict
+from blox_scale.training.disk import WriteFailed, writing
 from blox_scale.training.data import build_data, check_corpus, load_tokens
 from blox_scale.training.integrity import all_finite
-from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers
+from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers, raised_in_tensorboardx
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
 from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, memory_report, plot_losses
 from blox_scale.models import DecoderLM
@@ -83,6 +84,34 @@ class _OrbaxErrorsReported(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR or '/orbax/' not in record.pathname or bool(os.environ.get('BLOX_DEBUG'))
+
+
+def _drop_reported_write_errors() -> None:
+  """Holds back the tracebacks that follow a failed write the run has already reported in one line.
+
+  After a failed async save, tensorstore still completes the save's other writes and calls back into
+  orbax's event loop, already closed: each callback's `RuntimeError: Event loop is closed` would print
+  a traceback from tensorstore's threads (as an unraisable exception, or through sys.excepthook). On a
+  full disk, tensorboardX's exit handler retries its flush and prints the OSError again. Exactly these
+  are dropped; BLOX_DEBUG=1 keeps them.
+  """
+  def reported(value: BaseException | None, tb: Any) -> bool:
+    if os.environ.get('BLOX_DEBUG'):
+      return False
+    return ((isinstance(value, RuntimeError) and str(value) == 'Event loop is closed')
+            or (isinstance(value, OSError) and raised_in_tensorboardx(tb)))
+
+  previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if not reported(value, tb):
+      previous_hook(kind, value, tb)
+
+  def unraisable(report: Any) -> None:
+    if not reported(report.exc_value, report.exc_traceback):
+      previous_unraisable(report)
+
+  sys.excepthook, sys.unraisablehook = hook, unraisable
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
@@ -204,6 +233,7 @@ def train(config: Config) -> int:
 
   # -- 5. state: restore or init (the first writes to the workdir) ------------------------------------
   logging.getLogger('absl').addFilter(_OrbaxErrorsReported())
+  _drop_reported_write_errors()
   checkpoints = Checkpointer(workdir, cfg.checkpoint)
   # The newest checkpoint that verifies (fingerprints, finite params); bad ones are reported and set aside.
   report = lambda line: print(line, file=sys.stderr, flush=True) if primary else None
@@ -221,12 +251,15 @@ def train(config: Config) -> int:
   if primary:
     if changes:
       kept = workdir / 'config_history' / f'config.before_step_{step}.{time.strftime("%Y%m%dT%H%M%S")}.yaml'
-      kept.parent.mkdir(parents=True, exist_ok=True)
-      (workdir / CONFIG_FILE).replace(kept)
+      with writing(kept, 'the previous config'):
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).replace(kept)
       print(f'blox-train: warning: resuming with a changed config: {format_changes(changes)} '
             f'(the previous config is kept as {kept})', file=sys.stderr, flush=True)
-    save_config(workdir, cfg)
-    tokenizers.record(tokenizer, workdir)  # a tokenizer file is copied: the workdir is self-contained
+    with writing(workdir / CONFIG_FILE, 'the config'):
+      save_config(workdir, cfg)
+    with writing(workdir / tokenizers.RUN_TOKENIZER_DIR, 'the tokenizer copy'):
+      tokenizers.record(tokenizer, workdir)  # a tokenizer file is copied: the workdir is self-contained
 
   # -- 6. data --------------------------------------------------------------------------------------
   data = build_data(cfg.data, cfg.model.vocab_size, rows=rows, eval_batches=cfg.train.eval_batches, state=data_state,
@@ -384,6 +417,13 @@ def train(config: Config) -> int:
         print_samples(cfg, model, state.params, tokenizer)
       else:
         log(f'samples skipped: model.block={cfg.model.block!r} takes no KV cache (docs/custom_blocks.md)')
+  except WriteFailed:
+    progress.close()
+    if checkpoints.enabled:
+      # A full disk is often hit first by a metrics write while a save is filling it: report the save
+      # (it names the checkpoint and the intact earlier ones) whichever of the two failed first.
+      checkpoints.check(block=True)
+    raise
   except (NonFiniteError, DivergenceError) as e:
     progress.close()
     if primary:

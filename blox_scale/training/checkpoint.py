@@ -31,9 +31,6 @@ conversion, fine-tuning) both read through `_restore_items`.
 
 from __future__ import annotations
 
-import errno
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ import blox as bx
 from blox.rng import is_key
 from blox_scale.models import build_model
 from blox_scale.training import integrity
+from blox_scale.training.disk import WriteFailed, describe_write_error, fix_for
 from blox_scale.training.config import CONFIG_FILE, CheckpointConfig, Config, read_config, save_config
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -53,30 +51,8 @@ PARAMS = 'params'  # the train state's params field, and the checkpoint item tha
 __all__ = ['Checkpointer', 'restore_params', 'load_for_inference', 'flat_names', 'save_config', 'read_config']
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(WriteFailed):
   """A checkpoint could not be written (disk full, permissions); earlier checkpoints are untouched."""
-
-
-def describe_write_error(exc: BaseException) -> str:
-  """`<path>: <strerror> (errno N, ENAME)` from an OSError or tensorstore's message, else its first line."""
-  for e in _chain(exc):
-    if isinstance(e, OSError) and e.errno:
-      return f'{e.filename or "?"}: {e.strerror} (errno {e.errno}, {errno.errorcode.get(e.errno, "?")})'
-  text = ' '.join(str(exc).split())
-  code = re.search(r"os_error_code='?(\d+)", text)
-  path = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'local file "([^"]+)"', text)
-  if code:
-    n = int(code.group(1))
-    return f'{path.group(1) if path else "?"}: {os.strerror(n)} (errno {n}, {errno.errorcode.get(n, "?")})'
-  return text[:300]
-
-
-def _chain(exc: BaseException | None) -> list[BaseException]:
-  out = []
-  while exc is not None and exc not in out:
-    out.append(exc)
-    exc = exc.__cause__ or exc.__context__
-  return out
 
 
 # -----------------------------------------------------------------------------
@@ -196,7 +172,7 @@ class Checkpointer:
     detail = describe_write_error(cause) if cause is not None else 'the step directory was not committed'
     kept = ', '.join(map(str, self.all_steps())) or 'none'
     raise CheckpointSaveError(f'{self.directory}/{step}: saving the checkpoint failed: {detail}; the earlier '
-                              f'checkpoints ({kept}) are intact. Free space or fix permissions, then rerun to resume') from cause
+                              f'checkpoints ({kept}) are intact; {fix_for(cause)}') from cause
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint (tmp directories of interrupted saves are ignored)."""
@@ -226,7 +202,8 @@ class Checkpointer:
     meta = {'step': int(step), 'data': data_state, 'key_impls': _join_params(impls, rest_impls),
             # Content fingerprints of the arrays as stored, checked by every restore (integrity.py).
             integrity.FINGERPRINT_KEY: integrity.fingerprints(_join_params(params, rest))}
-    self.check()  # an earlier failed save is reported, not buried under this one
+    # An earlier failed save is reported, not buried under this one (orbax waits for it anyway).
+    self.check(block=True)
     try:
       self.manager.save(int(step), args=ocp.args.Composite(
           params=ocp.args.StandardSave(params),
@@ -237,8 +214,7 @@ class Checkpointer:
       self._failed = True
       kept = ', '.join(str(s) for s in self.all_steps() if s != int(step)) or 'none'
       raise CheckpointSaveError(f'{self.directory}/{step}: saving the checkpoint failed: {describe_write_error(e)}; '
-                                f'the earlier checkpoints ({kept}) are intact. Free space or fix permissions, then '
-                                'rerun to resume') from e
+                                f'the earlier checkpoints ({kept}) are intact; {fix_for(e)}') from e
     self._pending = int(step)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any] | None]:

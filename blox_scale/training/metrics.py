@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from blox_scale.parallel.distributed import is_primary
+from blox_scale.training.disk import WriteFailed, write_failed, writing
 
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'loss.png'
@@ -38,7 +39,8 @@ class MetricsWriter:
 
   Appending (not truncating) keeps the history of a resumed run in one
   file; a resumed run re-logs the steps after its checkpoint, so readers
-  take the last line per step (`read_metrics` does).
+  take the last line per step (`read_metrics` does). A failed write (disk
+  full) raises `WriteFailed` naming the file, the errno and the fix.
 
   `trackers` (training/trackers.py: TensorBoard, W&B) receive every record
   written, after its JSON line.
@@ -49,26 +51,45 @@ class MetricsWriter:
     self.enabled = enabled
     self.trackers = list(trackers) if enabled else []
     self._file = None
+    self._failed = False
     if enabled:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      self._file = self.path.open('a', buffering=1)  # line-buffered: tail -f works
-      if self._file.tell() and not self.path.read_bytes().endswith(b'\n'):
-        self._file.write('\n')  # a process killed mid-line: start the next record on its own line
+      with writing(self.path, 'the metrics'):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open('a', buffering=1)  # line-buffered: tail -f works
+        if self._file.tell() and not self.path.read_bytes().endswith(b'\n'):
+          self._file.write('\n')  # a process killed mid-line: start the next record on its own line
 
   def write(self, record: dict[str, Any]) -> None:
     plain = {k: _plain(v) for k, v in record.items()}
-    if self._file is not None:
-      self._file.write(json.dumps(plain) + '\n')
-    for tracker in self.trackers:
-      tracker.write(plain)
+    try:
+      if self._file is not None:
+        with writing(self.path, 'the metrics'):
+          self._file.write(json.dumps(plain) + '\n')
+      for tracker in self.trackers:
+        tracker.write(plain)
+    except WriteFailed:
+      self._failed = True  # `close` then reports nothing more
+      raise
 
   def close(self) -> None:
-    for tracker in self.trackers:
-      tracker.close()
-    self.trackers = []
+    trackers, self.trackers = self.trackers, []
+    try:
+      for tracker in trackers:
+        tracker.close()
+    except WriteFailed:
+      if not self._failed:  # after a failed metrics write, that one is the error reported
+        raise
+    finally:
+      self._close_file()
+
+  def _close_file(self) -> None:
     if self._file is not None:
-      self._file.close()
-      self._file = None
+      file, self._file = self._file, None
+      try:
+        file.close()  # flushes what a failed write left in the buffer: fails again on a full disk
+      except OSError as e:
+        if not self._failed:
+          raise write_failed(self.path, 'the metrics', e) from e
 
 
 def read_metrics(workdir: str | Path, kind: str | None = 'train') -> list[dict[str, Any]]:
@@ -218,6 +239,9 @@ def plot_losses(workdir: str | Path, unigram_entropy: float | None = None) -> Pa
   ax.legend()
   fig.tight_layout()
   path = Path(workdir) / PLOT_FILE
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  try:
+    with writing(path, 'the loss plot'):
+      fig.savefig(path, dpi=100)
+  finally:
+    plt.close(fig)
   return path

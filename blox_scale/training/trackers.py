@@ -14,11 +14,15 @@ step costs a few microseconds, never a device sync.
 
 from __future__ import annotations
 
+import threading
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from blox_scale.training.disk import write_failed, writing
 
 TENSORBOARD_DIR = 'tensorboard'
 PROFILE_DIR = 'profile'
@@ -35,18 +39,54 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoard:
-  """TensorBoard event files in `<workdir>/tensorboard` (tensorboardX's SummaryWriter)."""
+  """TensorBoard event files in `<workdir>/tensorboard` (tensorboardX's SummaryWriter).
+
+  tensorboardX writes from its own thread and flushes every 2 minutes: a failed
+  write there (disk full) would print a traceback, end the thread and leave later
+  writes blocked on its queue. So each `write` (a log step) flushes the file
+  itself, where a failure raises `WriteFailed` (one line: the directory, the
+  errno, the fix), and a failure in the thread is kept and raised at the next
+  `write` or at `close`.
+  """
 
   def __init__(self, workdir: str | Path):
     from tensorboardX import SummaryWriter
-    self._writer = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR))
+    self.directory = Path(workdir) / TENSORBOARD_DIR
+    self.error: BaseException | None = None
+    with writing(self.directory, WHAT):
+      self._writer = SummaryWriter(str(self.directory))
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:  # tensorboardX's writer thread failed: keep the error for the main thread
+      if self.error is None and isinstance(args.exc_value, OSError) and raised_in_tensorboardx(args.exc_traceback):
+        self.error = args.exc_value
+      else:
+        previous(args)
+
+    threading.excepthook = hook
+
+  def _raise_kept_error(self) -> None:
+    if self.error is not None:
+      raise write_failed(self.directory, WHAT, self.error) from self.error
 
   def write(self, record: dict[str, Any]) -> None:
-    for tag, value in scalars(record).items():
-      self._writer.add_scalar(tag, value, global_step=record['step'], walltime=record.get('time'))
+    self._raise_kept_error()
+    with writing(self.directory, WHAT):
+      for tag, value in scalars(record).items():
+        self._writer.add_scalar(tag, value, global_step=record['step'], walltime=record.get('time'))
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    self._raise_kept_error()  # (closing would wait forever for the ended thread)
+    with writing(self.directory, WHAT):
+      self._writer.close()
+
+
+WHAT = 'the TensorBoard events'
+
+
+def raised_in_tensorboardx(tb: Any) -> bool:
+  return any('tensorboardX' in frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb))
 
 
 class WandB:
