@@ -1,4 +1,9 @@
-"""Shared test helpers: one tree_allclose for the whole suite."""
+"""Shared test helpers: one tree_allclose for the whole suite; run_tool for the command-line tools."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,3 +40,17 @@ def bf16_close(a, b):
       continue
     err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-6)
     assert err < 3e-2, f'relative error {err:.3g} (max abs diff {np.abs(x - y).max():.3g})'
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tool(tool, *args, cwd, check=True):
+  """`python -m blox_scale.cli.<tool> *args` in `cwd` with this checkout first on PYTHONPATH, one CPU device."""
+  env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', f'blox_scale.cli.{tool}', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode:
+    raise AssertionError(f'{tool} {args} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
+  return proc

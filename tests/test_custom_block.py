@@ -1,9 +1,6 @@
 """model.block: a user's block (tests/custom_block_pkg.py) in DecoderLM, blox-train, resume and blox-sample."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -16,10 +13,9 @@ from blox_scale.models.generate import generate
 from blox_scale.models.plugin import DecodeNotSupported
 from blox_scale.training.config import ConfigError, load_config
 from blox_scale.training.metrics import read_metrics
-from helpers import tree_allclose
+from helpers import run_tool, tree_allclose
 from lm_helpers import fill_params
 
-REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 PARALLEL = 'custom_block_pkg:parallel_block'
 SMALL = ModelConfig(vocab_size=61, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=48,
@@ -97,13 +93,7 @@ TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=2', 'model.ml
 
 
 def _tool(tool, *args, check=True):
-  env = {**os.environ, 'PYTHONPATH': str(REPO)}
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m', f'blox_scale.cli.{tool}', *args], cwd=TESTS, env=env,
-                        capture_output=True, text=True, timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f'{tool} {args} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
-  return proc
+  return run_tool(tool, *args, cwd=TESTS, check=check)
 
 
 @pytest.mark.slow
@@ -126,7 +116,7 @@ def test_blox_train_resumes_a_custom_block_exactly_and_samples(tmp_path):
 def test_blox_sample_says_in_one_line_that_a_cacheless_block_cannot_decode(tmp_path):
   out = _tool('train', *TINY, 'model.block=custom_block_pkg:no_cache_block', 'train.steps=2', 'checkpoint.every=2',
               'train.sample_tokens=8', f'train.workdir={tmp_path}').stdout
-  assert "samples skipped: model.block='custom_block_pkg:no_cache_block' takes no KV cache" in out
+  assert "samples skipped: model.block='custom_block_pkg:no_cache_block': its block takes no KV cache" in out
   proc = _tool('sample', '--checkpoint', str(tmp_path), '--prompt', 'x', check=False)
   assert proc.returncode == 1
   assert proc.stderr.strip().startswith("blox-sample: error: model.block='custom_block_pkg:no_cache_block': its block "

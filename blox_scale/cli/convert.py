@@ -149,6 +149,10 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   workdir, step_from_path = find_workdir(workdir)
   step = step if step is not None else step_from_path
   config = read_config(workdir)
+  if config.model.factory:  # before anything is built or read: one line
+    raise UsageError(f'model.factory={config.model.factory!r}: {workdir} holds a model built by model.factory, '
+                     'not a DecoderLM; blox-to-hf writes only DecoderLM layouts (Llama, GPT-2), '
+                     "so export this model's params yourself (blox_scale.training.checkpoint.restore_params)")
   model = build_model(config.model)
   names, leaves, _ = flat_names(jax.eval_shape(model.init, 0))
   abstract = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in zip(names, leaves)}

@@ -104,10 +104,12 @@ def _load(args) -> tuple[Any, Any, Any]:
 
 
 def _main(argv: list[str]) -> int:
+  from blox_scale.models.protocol import check_can_decode
+
   args = _parser().parse_args(argv)
   _check_args(args)
   model, params, tokenizer = _load(args)
-  model.check_can_decode()  # a model.block without a KV-cache call form: one line, exit 1
+  check_can_decode(model)  # a model.block without a KV-cache call form, a model.factory without decode: one line, exit 1
   if args.max_new_tokens >= model.config.max_seq_len:
     raise UsageError(f'--max-new-tokens={args.max_new_tokens}: the model holds at most model.max_seq_len='
                      f'{model.config.max_seq_len} tokens, prompt included; ask for fewer')

@@ -8,7 +8,7 @@ Sections, in the order they run:
   1. config           defaults <- preset YAML <- dotted overrides
   2. distributed      jax.distributed.initialize (multi-process), no-op alone
   3. mesh             (data, fsdp, tensor) over every device; 1 CPU = a 1-device mesh
-  4. model            DecoderLM, optimizer, the abstract train state (nothing allocated)
+  4. model            build_model (DecoderLM or model.factory), optimizer, the abstract train state (nothing allocated)
   5. state            restore the latest checkpoint onto this mesh, or a sharded init
   6. data             grain pipeline, resumed at the checkpoint's iterator state
   7. step             the jitted sharded train step, compiled ahead (time + memory; model.remat=auto
@@ -51,7 +51,8 @@ from blox_scale.training.integrity import all_finite
 from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers, raised_in_tensorboardx
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
 from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, memory_report, plot_losses
-from blox_scale.models import DecoderLM
+from blox_scale.models import Model
+from blox_scale.models.protocol import cannot_decode
 from blox_scale.training.optim import make_optimizer
 from blox_scale.training.remat_auto import budget_bytes, candidate_config, choose_remat
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
@@ -140,7 +141,7 @@ def evaluate(eval_step: Any, params: bx.Params, data: Any, mesh: Any, rules: Any
   return total / tokens if tokens else None
 
 
-def _abstract_state(cfg: Config, model: DecoderLM | None = None, optimizer: Any = None) -> Any:
+def _abstract_state(cfg: Config, model: Model | None = None, optimizer: Any = None) -> Any:
   """The train state `cfg` describes, as ShapeDtypeStructs (nothing allocated or compiled).
 
   A fine-tuning run (`finetune.init_from`) holds its adapters, int8 kernels
@@ -271,7 +272,7 @@ def train(config: Config) -> int:
   batch_spec = abstract_batch(cfg.data.batch_size, cfg.data.seq_len, batch_shardings,
                               packing=cfg.data.packing)
 
-  def lower_step(model: DecoderLM) -> Any:
+  def lower_step(model: Model) -> Any:
     train_step = make_train_step(WithLoRADropout(model), optimizer, mesh, rules, state_shardings, batch_shardings,
                                  grad_accum_steps=cfg.optimizer.grad_accum_steps, learning_rate_fn=schedule)
     return train_step.lower(abstract, batch_spec)
@@ -413,10 +414,11 @@ def train(config: Config) -> int:
       path = plot_losses(workdir, data.unigram_entropy)
       log(f'loss curve: {path}')
     if cfg.train.sample_tokens > 0 and jax.process_count() == 1:
-      if model.can_decode:
+      reason = cannot_decode(model)
+      if reason is None:
         print_samples(cfg, model, state.params, tokenizer)
       else:
-        log(f'samples skipped: model.block={cfg.model.block!r} takes no KV cache (docs/custom_blocks.md)')
+        log(f'samples skipped: {reason}')
   except WriteFailed:
     progress.close()
     if checkpoints.enabled:
@@ -446,7 +448,7 @@ def load_tokenizer(cfg: Config) -> tokenizers.Tokenizer:
   return tokenizer
 
 
-def print_samples(cfg: Config, model: DecoderLM, params: bx.Params, tokenizer: tokenizers.Tokenizer) -> None:
+def print_samples(cfg: Config, model: Model, params: bx.Params, tokenizer: tokenizers.Tokenizer) -> None:
   """Continues `train.sample_prompt` (the same code as blox-sample)."""
   from blox_scale.cli.sample import sample_text
 

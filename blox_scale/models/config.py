@@ -1,4 +1,4 @@
-"""`ModelConfig`: the decoder LM's hyperparameters (the `model:` section of a run's config).
+"""`ModelConfig`: the model's hyperparameters (the `model:` section of a run's config).
 
 Model code reads it; training code re-exports it (`blox_scale.training.config`).
 Fields that a block family also has take their default and doc from that
@@ -18,7 +18,7 @@ from blox_scale.nn.config import AttentionConfig, BlockConfig, MLPConfig, field,
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Decoder-only transformer language model."""
+  """The model: a decoder-only transformer LM (DecoderLM), or the one model.factory builds."""
   vocab_size: int = field(256, 'Vocabulary size (256 = the byte-level tokenizer).')
   d_model: int = inherit(BlockConfig, 'd_model')
   num_layers: int = field(4, 'Number of transformer blocks (one Stack).')
@@ -50,6 +50,9 @@ class ModelConfig:
   # Not hashed: a dict is unhashable, and the block's own options never key a jit cache.
   block_args: dict = dataclasses.field(default_factory=dict, hash=False, metadata={
       'doc': 'Free-form options of a model.block factory, validated by the factory (read as model_config.block_args).'})
+  factory: str = field('', "The whole model: '' (DecoderLM, repeating model.block) or 'pkg.module:fn', a function (graph, model_config, rng) -> model with config, init(seed) and loss(params, batch, is_training) (models/protocol.py, docs/custom_blocks.md); excludes model.block.")
+  factory_args: dict = dataclasses.field(default_factory=dict, hash=False, metadata={
+      'doc': 'Free-form options of a model.factory function, validated by it (read as model_config.factory_args).'})
 
   def block_config(self, attention_impl: str | None = None) -> BlockConfig:
     """The `BlockConfig` of every layer: same-named fields copied, the rest derived here.

@@ -77,11 +77,13 @@ class DecoderLM:
   loss, (metrics, params) = model.loss(params, batch, is_training=True)
   ```
   `DecoderLM` is not itself a `bx.Module` (the root graph binds none); its
-  parts are. Every layer is a `TransformerBlock(graph, config.block_config(), rng)`.
+  parts are. It implements `models.protocol.Model` and `Decoder`. Every layer is a `TransformerBlock(graph, config.block_config(), rng)`.
   """
 
-  def __init__(self, graph: bx.Graph, config: ModelConfig, *, attention_impl: str | None = None) -> None:
-    """`attention_impl`: None (XLA, any platform) or 'cudnn' (NVIDIA flash attention, bf16)."""
+  def __init__(self, graph: bx.Graph, config: ModelConfig, *, rng: bx.Rng | None = None,
+               attention_impl: str | None = None) -> None:
+    """`rng`: the model's `bx.Rng` (default: a new one at `<graph>/rng`).
+    `attention_impl`: None (XLA, any platform) or 'cudnn' (NVIDIA flash attention, bf16)."""
     if not isinstance(config, ModelConfig):
       raise TypeError(f'DecoderLM: config must be a ModelConfig (cfg.model), got {type(config).__name__}.')
     c = config
@@ -91,7 +93,7 @@ class DecoderLM:
     self.dtype = jnp.dtype(c.dtype)
     self.num_kv_heads = c.num_kv_heads or c.num_heads
     self.head_dim = c.head_dim or c.d_model // c.num_heads
-    self.rng = bx.Rng(graph.child('rng'))
+    self.rng = rng if rng is not None else bx.Rng(graph.child('rng'))
     init = jax.nn.initializers.normal(c.init_std)
     self.embed = bx.Embed(graph.child('embed'), c.vocab_size, c.d_model, self.rng, embedding_init=init,
                           param_dtype=self.param_dtype, dtype=self.dtype)

@@ -1,4 +1,4 @@
-"""Your own block in the model: `model.block: 'pkg.module:factory'`.
+"""Your own layer or model: `model.block` / `model.factory: 'pkg.module:fn'`.
 
 The `DecoderLM` repeats one layer in a `bs.Stack`. By default that layer is
 `TransformerBlock`; `model.block` names a function that builds another one:
@@ -24,6 +24,9 @@ this, so a block built from it gets decoding for free).
 The factory path is recorded in the run's config.yaml, so every tool that
 rebuilds the model (resume, blox-sample, blox-plan, blox-convert) gets the
 same block. docs/custom_blocks.md walks through a complete example.
+
+`model.factory` replaces the whole model instead (same signature, returning
+a `models.protocol.Model`); `resolve` imports both.
 """
 
 from __future__ import annotations
@@ -35,13 +38,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-
-class PluginError(ValueError):
-  """A `model.block` path that cannot be imported or is not a factory; the message names the key."""
-
-
-class DecodeNotSupported(NotImplementedError):
-  """The model's block has no KV-cache call form, so the model cannot generate text."""
+from blox_scale.models.protocol import DecodeNotSupported, PluginError  # noqa: F401  (re-exported)
 
 
 def resolve(spec: str, key: str = 'model.block') -> Callable[..., Any]:
@@ -72,7 +69,7 @@ def resolve(spec: str, key: str = 'model.block') -> Callable[..., Any]:
     obj = getattr(obj, part)
   if not callable(obj):
     raise PluginError(f'{key}={spec!r}: {attr} is a {type(obj).__name__}, not a function; '
-                      'point it at a function (graph, model_config, rng) -> Module')
+                      f'point it at a function (graph, model_config, rng) -> {_RETURNS[key]}')
   try:
     inspect.signature(obj).bind(None, None, None)
   except TypeError as e:
@@ -81,6 +78,9 @@ def resolve(spec: str, key: str = 'model.block') -> Callable[..., Any]:
   except ValueError:  # builtins without a signature: trust them
     pass
   return obj
+
+
+_RETURNS = {'model.block': 'Module', 'model.factory': 'model'}
 
 
 def _import(module_name: str) -> Any:

@@ -12,7 +12,7 @@ own loop. Shardings are computed once, by the caller, and passed in:
 
 `model` is anything with `init(seed) -> Params` and
 `loss(params, batch, is_training) -> (loss, (metrics, params))` (the
-`DecoderLM` contract). `optimizer` is any `optax.GradientTransformation`; it
+`blox_scale.models.Model` protocol, which `DecoderLM` implements). `optimizer` is any `optax.GradientTransformation`; it
 sees the trainable params only.
 """
 

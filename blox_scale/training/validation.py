@@ -71,11 +71,22 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
   from blox_scale.stacking.remat import valid_names
   from blox_scale.models.plugin import PluginError, resolve
 
-  if m.block:  # import the user's factory and build its block now: a config error, not a crash after compile
-    try:
-      resolve(m.block)
-    except PluginError as e:
-      raise ConfigError(str(e)) from e
+  if m.factory and m.block:
+    _fail('model.block', m.block, f'cannot be combined with model.factory={m.factory!r} (a whole-model factory '
+          'builds its own layers)', 'set only one of them')
+  if m.factory and m.block_args:
+    _fail('model.block_args', dict(m.block_args), f'is for model.block; model.factory={m.factory!r} takes its '
+          'options from model.factory_args', 'write model.factory_args.NAME=VALUE')
+  if m.factory_args and not m.factory:
+    _fail('model.factory_args', dict(m.factory_args), 'is set but model.factory is empty',
+          "name the model with model.factory='pkg.module:fn' (or drop the options)")
+  # Import the user's factory and build the model now: a config error, not a crash after compile.
+  for key, spec in (('model.block', m.block), ('model.factory', m.factory)):
+    if spec:
+      try:
+        resolve(spec, key)
+      except PluginError as e:
+        raise ConfigError(str(e)) from e
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'mlp_dim', 'max_seq_len'):
     _at_least(f'model.{key}', getattr(m, key), 1)
   for key in ('num_kv_heads', 'head_dim', 'sliding_window'):
@@ -109,20 +120,22 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
           'use a divisor of num_heads (1 = multi-query, 0 = num_heads)')
   if tokenizer == 'byte' and m.vocab_size < 256:  # a tokenizer file's vocab is checked where it is loaded
     _fail('model.vocab_size', m.vocab_size, 'is smaller than the byte tokenizer (256 ids)', 'set model.vocab_size=256 or more')
-  if m.block:
-    _check_block(m)
+  if m.block or m.factory:
+    _check_plugin(m)
 
 
-
-def _check_block(m: Any) -> None:
-  """Constructs the model (modules only, no arrays), so the factory checks `model.block_args` here."""
+def _check_plugin(m: Any) -> None:
+  """Constructs the model (modules only, no arrays), so the factory checks `model.block_args` /
+  `model.factory_args` and a whole model's type is checked here."""
   from blox_scale.models import build_model
 
+  key, spec = ('model.factory', m.factory) if m.factory else ('model.block', m.block)
   try:
     build_model(m)
   except (ValueError, TypeError, KeyError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(message if message.startswith('model.') else f'model.block={m.block!r}: {message}') from e
+    raise ConfigError(message if message.startswith('model.') else f'{key}={spec!r}: {message}') from e
+
 
 def check_data(d: Any, max_seq_len: int, files: bool = True) -> None:
   """`data.*`: ranges, names, and (`files`) the files behind `data.path`."""
