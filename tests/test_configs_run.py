@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from blox_scale.training.config import load_config, reference_markdown
+from blox_scale.training.config import load_config, read_config, reference_markdown
 from blox_scale.training.metrics import read_metrics
 from blox_scale.cli.train import train
 
@@ -61,3 +61,32 @@ def test_docs_hold_the_generated_config_reference():
   """docs/training.md embeds `reference_markdown()`; regenerate with `python docs/gen_reference.py`."""
   text = (REPO / 'docs' / 'training.md').read_text()
   assert reference_markdown().strip() in text, 'docs/training.md is stale: run python docs/gen_reference.py'
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_presets_back_to_back_never_touch_each_others_workdir(tmp_path, monkeypatch, capsys):
+  # As a reader in a checkout: presets at configs/, no train.workdir anywhere (each preset's default).
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'configs').symlink_to(REPO / 'configs')
+  brief = ['train.steps=2', 'train.log_every=1', 'train.eval_every=0', 'train.sample_tokens=0', 'train.plot=false',
+           'train.progress=false', 'data.max_bytes=100000', 'data.seq_len=32', 'data.batch_size=8', 'model.num_layers=1']
+  assert train(load_config('configs/tiny.yaml', brief)) == 0
+  tiny = tmp_path / 'runs' / 'tiny'
+  before = _files(tiny)
+  assert (tiny / 'checkpoints' / '2').is_dir() and 'config.yaml' in before
+  capsys.readouterr()
+  gpt2_small = ['model.vocab_size=256', 'model.d_model=32', 'model.num_heads=2', 'model.mlp_dim=64',
+                'model.max_seq_len=32']
+  assert train(load_config('configs/gpt2_124m.yaml', brief + gpt2_small)) == 0
+  assert 'resumed from' not in capsys.readouterr().out
+  gpt2 = tmp_path / 'runs' / 'gpt2_124m'
+  assert _files(tiny) == before  # not a byte of the first run changed
+  assert sorted(p.name for p in (tmp_path / 'runs').iterdir()) == ['gpt2_124m', 'tiny']
+  assert (gpt2 / 'checkpoints' / '2').is_dir()
+  [start] = read_metrics(gpt2, 'start')
+  assert start['step'] == 0  # a fresh run, not a resume of runs/tiny
+  assert read_config(gpt2).model.position == 'learned' and read_config(tiny).model.position == 'rope'
