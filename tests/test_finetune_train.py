@@ -65,3 +65,38 @@ def test_lora_run_leaves_the_base_bitwise_unchanged_and_learns(tmp_path):
   plain = bs.DecoderLM(bx.Graph('lm'), config.model)
   merged, _ = plain(bs.finetune.merge(model, params), tokens)
   np.testing.assert_allclose(np.asarray(merged), np.asarray(on_the_fly), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_lora_run_resumes_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+  import shutil
+
+  source, run, stopped = tmp_path / 'source', tmp_path / 'lora', tmp_path / 'stopped'
+  assert train(load_config(None, SMALL + ['train.steps=4', f'train.workdir={source}', 'checkpoint.every=4',
+                                         'train.eval_every=0', 'train.tensorboard=false'])) == 0
+  every_step = [o for o in SMALL if not o.startswith('train.log_every=')] + ['train.log_every=1']
+  lora = lambda workdir: load_config('configs/tiny_lora.yaml', every_step + [
+      f'finetune.init_from={source}', f'train.workdir={workdir}', 'train.steps=8', 'checkpoint.every=4',
+      'train.eval_every=0', 'finetune.lora.dropout=0.1', 'finetune.quant=int8',
+      'train.tensorboard=false'])
+  assert train(lora(run)) == 0
+  # The state of a run killed after its save at step 4: checkpoint 8 and the records after step 4 gone.
+  shutil.copytree(run, stopped)
+  shutil.rmtree(stopped / 'checkpoints' / '8')
+  records = (stopped / 'metrics.jsonl').read_text().splitlines()
+  (stopped / 'metrics.jsonl').write_text(''.join(l + '\n' for l in records if '"step": 4,' in l or
+                                                 '"kind": "start"' in l or any(f'"step": {s},' in l for s in (1, 2, 3))))
+  assert train(lora(stopped)) == 0
+  assert read_metrics(stopped, 'start')[-1]['step'] == 4  # resumed, not restarted from the source
+  want, got = read_metrics(run, 'train'), read_metrics(stopped, 'train')
+  assert [r['loss'] for r in got] == [r['loss'] for r in want]  # bitwise: same state, same data, same dropout keys
+  _, _, a = load_for_inference(run)
+  _, _, b = load_for_inference(stopped)
+  raw = lambda v: np.asarray(jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+  assert a.keys() == b.keys()
+  for path in a.keys():
+    np.testing.assert_array_equal(raw(a[path].value), raw(b[path].value), err_msg='/'.join(path))
+  size = lambda d: sum(f.stat().st_size for f in d.rglob('*') if f.is_file())
+  ckpt, base = size(run / 'checkpoints' / '8'), size(source / 'checkpoints' / '4')
+  print(f'MEASURED lora checkpoint {ckpt:,} bytes (int8 base + adapters + their Adam state); '
+        f'source checkpoint {base:,} bytes (f32 params + Adam state)')

@@ -67,3 +67,25 @@ def test_cli_sets_its_own_device_count():
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1} on 4 devices" in out.stdout, out.stdout
   lines = [l for l in out.stdout.splitlines() if l.startswith(('full', 'dots'))]
   assert len(lines) == 2 and all(l.rstrip().endswith('yes') for l in lines), out.stdout
+
+
+def test_plan_compiler_options_leave_the_memory_analysis_unchanged():
+  # blox-plan compiles at LLVM optimisation level 0 (faster); the bytes must be those of a default compile.
+  from blox_scale.models import build_model
+  from blox_scale.training.optim import make_optimizer
+  from blox_scale.training.step import abstract_batch, abstract_train_state, make_train_step, train_state_shardings
+
+  cfg = load_config(None, SMALL + ['mesh.data=2', 'mesh.fsdp=4', 'mesh.tensor=1'])
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_from_config(cfg.mesh)
+  model, (optimizer, _) = build_model(cfg.model), make_optimizer(cfg.optimizer, 10)
+  abstract = abstract_train_state(model, optimizer)
+  shardings = train_state_shardings(abstract, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  lowered = make_train_step(model, optimizer, mesh, rules, shardings, batch_sh).lower(
+      sharding.with_shardings(abstract, shardings), abstract_batch(8, 64, batch_sh))
+  fields = lambda m: (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
+  default = fields(lowered.compile().memory_analysis())
+  assert fields(lowered.compile(compiler_options=bplan.PLAN_COMPILER_OPTIONS).memory_analysis()) == default
+  [row] = bplan.plan(cfg, mesh, remats=[cfg.model.remat])
+  assert row.temp == default[3] and row.peak == default[0] + default[1] - default[2] + default[3]
