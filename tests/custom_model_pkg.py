@@ -41,7 +41,7 @@ class MaskedMixerLM:
   """The protocol of blox_scale/models/protocol.py: config, init(seed), loss(params, batch, is_training)."""
 
   def __init__(self, graph, config, rng, *, mask_rate):
-    self.config, self.rng, self.mask_rate = config, rng, mask_rate
+    self.graph, self.config, self.rng, self.mask_rate = graph, config, rng, mask_rate  # graph: for LoRA
     self.mask_id = config.vocab_size - 1  # byte 0xFF: never in UTF-8 text
     self.embed = bx.Embed(graph / 'embed', config.vocab_size, config.d_model, rng)
     self.layers = bs.Stack(graph / 'layers', lambda g: MixerBlock(g, config, rng), config.num_layers, rng=rng,

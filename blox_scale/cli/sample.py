@@ -96,7 +96,11 @@ def _load(args) -> tuple[Any, Any, Any]:
     model, params = hf.load(args.hf, dtype=args.dtype)
     check_vocab(tokenizer, model.config.vocab_size, args.hf, key='--hf', model_key='vocab_size of its config.json')
     return model, params, tokenizer
-  from blox_scale.training.checkpoint import find_workdir, load_for_inference  # lazy: orbax is slow to import
+  from blox_scale.models import build_model
+  from blox_scale.models.protocol import check_can_decode
+  from blox_scale.training.checkpoint import find_workdir, load_for_inference, read_config  # lazy: orbax is slow to import
+  # A model.block without a KV-cache call form, a model.factory without decode: one line, before any weight is read.
+  check_can_decode(build_model(read_config(find_workdir(args.checkpoint)[0]).model))
   config, model, params = load_for_inference(args.checkpoint)
   tokenizer = run_tokenizer(find_workdir(args.checkpoint)[0], config.data.tokenizer)
   check_vocab(tokenizer, config.model.vocab_size, config.data.tokenizer)
@@ -104,12 +108,9 @@ def _load(args) -> tuple[Any, Any, Any]:
 
 
 def _main(argv: list[str]) -> int:
-  from blox_scale.models.protocol import check_can_decode
-
   args = _parser().parse_args(argv)
   _check_args(args)
   model, params, tokenizer = _load(args)
-  check_can_decode(model)  # a model.block without a KV-cache call form, a model.factory without decode: one line, exit 1
   if args.max_new_tokens >= model.config.max_seq_len:
     raise UsageError(f'--max-new-tokens={args.max_new_tokens}: the model holds at most model.max_seq_len='
                      f'{model.config.max_seq_len} tokens, prompt included; ask for fewer')

@@ -30,6 +30,9 @@ A `Model` has:
         counted targets) weights micro-batches and eval batches.
         `params`: with any non-trainable state the call changed (RNG counters).
 
+Optional: `graph` (the root `bx.Graph`, as `DecoderLM.graph`): fine-tuning
+(`finetune.lora`, `finetune.quant`) finds the projections to wrap under it.
+
 A model that can generate text (blox-sample, end-of-training samples) also
 has the `Decoder` methods (`init_cache`, `decode`: the KV-cache form
 `models/generate.py` drives, see `DecoderLM.decode`). Without them it trains,
