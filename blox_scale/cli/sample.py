@@ -98,7 +98,8 @@ def _load(args) -> tuple[Any, Any, Any]:
     return model, params, tokenizer
   from blox_scale.models import build_model
   from blox_scale.models.protocol import check_can_decode
-  from blox_scale.training.checkpoint import find_workdir, load_for_inference, read_config  # lazy: orbax is slow to import
+  from blox_scale.training.checkpoint import find_workdir, load_for_inference  # lazy: orbax is slow to import
+  from blox_scale.training.config import read_config
   # A model.block without a KV-cache call form, a model.factory without decode: one line, before any weight is read.
   check_can_decode(build_model(read_config(find_workdir(args.checkpoint)[0]).model))
   config, model, params = load_for_inference(args.checkpoint)
