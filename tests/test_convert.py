@@ -87,3 +87,37 @@ def test_blox_train_resumes_from_a_converted_checkpoint(tmp_path):
   delta = np.abs(np.asarray(after[q].value) - np.asarray(before[q].value)).max()
   assert 0 < delta < 0.1  # trained on from the imported weights, not from a fresh init
   jax.clear_caches()
+
+
+@pytest.mark.slow
+def test_blox_to_hf_of_a_lora_run_exports_merged_weights(tmp_path):
+  # LoRA on an int8 base of an imported checkpoint: the export dequantizes, folds the adapters in and
+  # writes the base model's Hugging Face layout, whose logits equal the LoRA model's on the fly.
+  import jax.numpy as jnp
+  from blox_scale.cli.train import train
+  from blox_scale.training.config import load_config
+
+  write_llama(tmp_path / 'hf', seed=1, vocab=256)
+  run = tmp_path / 'lora'
+  cfg = load_config('configs/tiny_lora.yaml', [
+      f'finetune.init_from=hf:{tmp_path / "hf"}', 'finetune.quant=int8', f'train.workdir={run}', 'train.steps=3',
+      'checkpoint.every=3', 'train.eval_every=0', 'train.sample_tokens=0', 'train.plot=false', 'train.progress=false',
+      'train.tensorboard=false', 'data.batch_size=8', 'data.seq_len=16', 'data.max_bytes=100000',
+      'optimizer.learning_rate=0.05', 'optimizer.warmup_steps=0'])
+  assert train(cfg) == 0
+  config, model, params = load_for_inference(run)
+  assert any(float(jnp.abs(p.value).max()) > 0 for k, p in params.items() if k[-1].endswith('lora_b'))
+  assert any(p.value.dtype == jnp.int8 for p in params.values())
+
+  assert convert.main(['blox-to-hf', str(run), str(tmp_path / 'out'), '--no-progress']) == 0
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())['architectures'] == ['LlamaForCausalLM']
+  plain_model, plain_params = bs.hf.load(tmp_path / 'out')
+  assert not any(k[-1].endswith(('lora_a', 'lora_b', 'kernel_scale')) for k in plain_params.keys())
+  tokens = jnp.asarray([[ord(c) for c in 'def main():']], jnp.int32)
+  want, _ = model(params, tokens)  # int8 dequantized and adapters applied on the fly
+  got, _ = plain_model(plain_params, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The same as merging in memory (bs.finetune.merge), bit for bit.
+  merged = bs.finetune.merge(model, params)
+  assert all(np.array_equal(np.asarray(plain_params[k].value), np.asarray(merged[k].value))
+             for k in merged.keys() if k[-1] not in ('seed', 'counter'))

@@ -137,7 +137,11 @@ def hf_to_blox(src: Path, workdir: Path, dtype: str, progress: bool) -> None:
 
 def checkpoint_fetch(workdir: Path, step: int | None):
   """-> (model, step, fetch): `fetch(path)` restores that one param of the checkpoint (orbax placeholders
-  skip every other array), so an export holds one stacked param at a time, not the model."""
+  skip every other array), so an export holds one stacked param at a time, not the model.
+
+  A fine-tuning run's workdir (LoRA, an int8 base) gives its base model and a `fetch` of merged
+  arrays: each kernel dequantized with its adapters folded in (`bs.finetune.merged_reader`).
+  """
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
@@ -154,7 +158,14 @@ def checkpoint_fetch(workdir: Path, step: int | None):
                      'not a DecoderLM; blox-to-hf writes only DecoderLM layouts (Llama, GPT-2), '
                      "so export this model's params yourself (blox_scale.training.checkpoint.restore_params)")
   model = build_model(config.model)
-  names, leaves, _ = flat_names(jax.eval_shape(model.init, 0))
+  adapted = config.finetune.lora.rank > 0 or config.finetune.quant != 'none'
+  if adapted:  # a LoRA / int8-base run: its checkpoints hold the adapted model's params
+    from blox_scale.training import finetune
+    adapted_model = finetune.build_model(config.model, config.finetune)
+    stored = finetune.abstract_params(adapted_model, config.finetune, config.train.seed)
+  else:
+    stored = jax.eval_shape(model.init, 0)
+  names, leaves, _ = flat_names(stored)
   abstract = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in zip(names, leaves)}
   manager = ocp.CheckpointManager(workdir.absolute() / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(create=False))
   step = step if step is not None else manager.latest_step()
@@ -170,6 +181,9 @@ def checkpoint_fetch(workdir: Path, step: int | None):
         item, restore_args=restore_args)))  # host NumPy: no device copy
     return restored['params'][name]
 
+  if adapted:  # the base model's arrays: int8 kernels dequantized, adapters folded in, one kernel at a time
+    from blox_scale.finetune import merged_reader
+    return model, step, merged_reader(adapted_model, stored, fetch)
   return model, step, fetch
 
 

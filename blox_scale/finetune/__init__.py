@@ -5,7 +5,7 @@ Model-side code (imports `nn`, `stacking`, `blox`; never training code):
   lora.py    `LoRA`, `add_lora`, `lora_dropout`
   quant.py   `Int8Base`, `add_int8_base`, `quantize` (int8 weights, per-channel scales)
   params.py  `freeze`, `freeze_base`, `unfreeze`, `init_new_params`, `count`, `nbytes`
-  merge.py   `merge`: adapters folded into the base weights
+  merge.py   `merge`: adapters folded into the base weights (`fold`/`merged_reader`: one kernel at a time)
 
     model = bs.DecoderLM(bx.Graph('lm'), config)            # the pretrained model's config
     bs.finetune.add_lora(model, ('attn/q', 'attn/v'), rank=8, alpha=16)
@@ -16,11 +16,11 @@ Model-side code (imports `nn`, `stacking`, `blox`; never training code):
 """
 
 from blox_scale.finetune.lora import LoRA, WithLoRADropout, add_lora, lora_dropout, lora_modules
-from blox_scale.finetune.merge import lora_delta, merge
+from blox_scale.finetune.merge import fold, lora_delta, merge, merged_reader
 from blox_scale.finetune.params import count, freeze, freeze_base, init_new_params, is_adapter, nbytes, unfreeze
 from blox_scale.finetune.quant import QUANT_MODES, Int8Base, add_int8_base, dequantize_array, quantize, quantize_array
 from blox_scale.finetune.wrap import Wrapper, path_matches, projections
 
-__all__ = ['LoRA', 'WithLoRADropout', 'add_lora', 'lora_dropout', 'lora_modules', 'merge', 'lora_delta', 'freeze', 'freeze_base',
+__all__ = ['LoRA', 'WithLoRADropout', 'add_lora', 'lora_dropout', 'lora_modules', 'merge', 'fold', 'merged_reader', 'lora_delta', 'freeze', 'freeze_base',
            'unfreeze', 'init_new_params', 'count', 'nbytes', 'is_adapter', 'Int8Base', 'add_int8_base', 'quantize',
            'quantize_array', 'dequantize_array', 'QUANT_MODES', 'Wrapper', 'path_matches', 'projections']

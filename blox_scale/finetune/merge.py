@@ -12,9 +12,11 @@ checkpoint) reads it. Works on concrete arrays and under `jax.jit`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 import blox as bx
 from blox_scale.finetune.lora import LoRA
@@ -33,28 +35,53 @@ def lora_delta(a: jnp.ndarray, b: jnp.ndarray, lead: int, scale: float) -> jnp.n
   return (scale * jnp.matmul(a2, b2)).reshape(lead_shape + in_shape + out_shape)
 
 
+def fold(outer: Wrapper, read: Callable[[tuple[str, ...]], bx.Param]) -> bx.Param:
+  """The base kernel of the wrapped projection `outer`, int8 dequantized and every LoRA folded in.
+
+  `read(path)` returns a stored `Param` (its metadata names the leading layer
+  axes): the kernel, its int8 scales, the adapters. Returns the kernel's Param
+  with the merged value, `[*layers, *in, *out]` in the projection's `param_dtype`.
+  """
+  base = outer.base
+  kernel = read(outer.param_path('kernel'))
+  lead, n = _leading_layers(kernel), in_ndim(base)
+  dtype = jnp.dtype(getattr(base, 'param_dtype', kernel.dtype))
+  if kernel.dtype == jnp.int8:
+    w = dequantize_array(kernel.value, read(outer.param_path('kernel_scale')).value, lead, n, jnp.float32)
+  else:
+    w = jnp.asarray(kernel.value).astype(jnp.float32)
+  module = outer
+  while isinstance(module, Wrapper):
+    if isinstance(module, LoRA):
+      a, b = read(module.param_path('lora_a')).value, read(module.param_path('lora_b')).value
+      w = w + lora_delta(jnp.asarray(a), jnp.asarray(b), lead, module.scale)
+    module = module.inner
+  return kernel.replace(value=w.astype(dtype))
+
+
 def merge(model: Any, params: bx.Params) -> bx.Params:
   """Returns the base model's params with every LoRA folded in and every int8 kernel dequantized."""
   data = dict(params.items())
   for _, outer in projections(model):
-    if not isinstance(outer, Wrapper):
-      continue
-    base = outer.base
-    kpath = outer.param_path('kernel')
-    kernel = data[kpath]
-    lead, n = _leading_layers(kernel), in_ndim(base)
-    dtype = jnp.dtype(getattr(base, 'param_dtype', kernel.dtype))
-    spath = outer.param_path('kernel_scale')
-    if kernel.dtype == jnp.int8:
-      w = dequantize_array(kernel.value, data.pop(spath).value, lead, n, jnp.float32)
-    else:
-      w = kernel.value.astype(jnp.float32)
-    module = outer
-    while isinstance(module, Wrapper):
-      if isinstance(module, LoRA):
-        a = data.pop(module.param_path('lora_a')).value
-        b = data.pop(module.param_path('lora_b')).value
-        w = w + lora_delta(a, b, lead, module.scale)
-      module = module.inner
-    data[kpath] = kernel.replace(value=w.astype(dtype))
+    if isinstance(outer, Wrapper):
+      data[outer.param_path('kernel')] = fold(outer, data.pop)
   return unfreeze(bx.Params(data, params.is_locked))
+
+
+def merged_reader(model: Any, stored: bx.Params,
+                  fetch: Callable[[tuple[str, ...]], Any]) -> Callable[[tuple[str, ...]], Any]:
+  """`fetch` of the adapted model's stored params -> the same for the base model's params, one at a time.
+
+  stored: the adapted model's abstract params (shapes and metadata). `fetch(path)`
+  returns one stored array (e.g. read from a checkpoint); the result returns the
+  base model's array at `path`, folded with `fold` where `model` wraps that kernel,
+  so an export holds one projection and its adapters in memory, not the model.
+  """
+  wrapped = {outer.param_path('kernel'): outer for _, outer in projections(model) if isinstance(outer, Wrapper)}
+
+  def read(path: tuple[str, ...]) -> Any:
+    if path not in wrapped:
+      return fetch(path)
+    return np.asarray(fold(wrapped[path], lambda p: stored[p].replace(value=fetch(p))).value)
+
+  return read
