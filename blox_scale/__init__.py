@@ -11,7 +11,7 @@ from blox_scale import finetune, flops, nn
 from blox_scale.interop import hf
 from blox_scale.models import DecoderLM, ModelConfig
 from blox_scale.models.generate import generate
-from blox_scale.nn import MLP, Attention, AttentionConfig, BlockConfig, MLPConfig, TransformerBlock
+from blox_scale.nn import MLP, Attention, AttentionConfig, BlockConfig, MLPConfig, MoE, MoEConfig, TransformerBlock
 from blox_scale.parallel import distributed, sharding
 from blox_scale.parallel.sharding import (
     batch_sharding, constrain, make_mesh, param_shardings, rules_from_config, use_mesh_rules,
@@ -31,7 +31,7 @@ from blox_scale.training.tokenizer import ByteTokenizer, get_tokenizer
 __all__ = ['Stack', 'Group', 'unstack', 'restack', 'REMAT_POLICIES', 'layout', 'remat',
            'make_optimizer', 'lr_schedule', 'decay_mask', 'ByteTokenizer', 'get_tokenizer',
            'DecoderLM', 'Attention', 'MLP', 'TransformerBlock', 'generate', 'flops', 'nn', 'hf', 'finetune',
-           'ModelConfig', 'AttentionConfig', 'MLPConfig', 'BlockConfig']
+           'ModelConfig', 'AttentionConfig', 'MLPConfig', 'BlockConfig', 'MoE', 'MoEConfig']
 __all__ += ['distributed', 'sharding', 'make_mesh', 'rules_from_config', 'param_shardings', 'batch_sharding',
             'constrain', 'use_mesh_rules', 'TrainState', 'init_train_state', 'make_train_step', 'make_eval_step',
             'abstract_train_state', 'train_state_shardings', 'abstract_batch']

@@ -66,13 +66,34 @@ PEAK_FLOPS: dict[str, float] = {
 
 
 def matmul_params(config: ModelConfig) -> int:
-  """N: parameters that take part in a matmul per token (see module doc)."""
+  """N: parameters that take part in a matmul per token (see module doc).
+
+  Mixture of experts (`model.moe.num_experts > 0`): an MoE layer counts the
+  params a token is actually multiplied with, its router and `top_k` of the
+  experts (active params), not all `num_experts`.
+  """
   c = config
   heads, kv_heads = c.num_heads, c.num_kv_heads or c.num_heads
   head_dim = c.head_dim or c.d_model // c.num_heads
   attn = c.d_model * head_dim * (2 * heads + 2 * kv_heads)        # q, o and k, v
-  mlp = (3 if c.mlp_activation == 'swiglu' else 2) * c.d_model * c.mlp_dim
-  return c.num_layers * (attn + mlp) + c.d_model * c.vocab_size  # + output head
+  per_hidden = (3 if c.mlp_activation == 'swiglu' else 2) * c.d_model
+  mlp = per_hidden * c.mlp_dim
+  total = c.num_layers * (attn + mlp) + c.d_model * c.vocab_size  # + output head
+  m = c.moe
+  if m.num_experts > 0:  # every every_n_layers-th layer: router + top_k experts instead of the dense MLP
+    moe_layers = c.num_layers // m.every_n_layers
+    active = c.d_model * m.num_experts + m.top_k * per_hidden * (m.mlp_dim or c.mlp_dim)
+    total += moe_layers * (active - mlp)
+  return total
+
+
+def total_params(config: ModelConfig) -> int:
+  """Matmul params held (every expert counted), against `matmul_params`' active ones."""
+  c, m = config, config.moe
+  if m.num_experts == 0:
+    return matmul_params(c)
+  per_expert = (3 if c.mlp_activation == 'swiglu' else 2) * c.d_model * (m.mlp_dim or c.mlp_dim)
+  return matmul_params(c) + (c.num_layers // m.every_n_layers) * (m.num_experts - m.top_k) * per_expert
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -59,3 +59,17 @@ def test_cpu_peak_is_measured_once_and_split_across_fake_devices():
   assert first > 1e6  # any real CPU does more than a MFLOP/s
   assert flops.device_peak_flops(device) == first  # cached, not re-measured
   assert first == pytest.approx(flops.measured_matmul_peak('cpu') / len(jax.local_devices(backend='cpu')))
+
+
+def test_moe_counts_active_params_mixtral_8x7b():
+  # Mixtral's paper: 46.7B params, 12.9B active per token (both with the input embedding).
+  from blox_scale.nn.config import MoEConfig
+  c = ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336,
+                  tie_embeddings=False, moe=MoEConfig(num_experts=8, top_k=2))
+  embed = 4096 * 32000
+  assert flops.matmul_params(c) + embed == pytest.approx(12.9e9, rel=5e-3)
+  assert flops.total_params(c) + embed == pytest.approx(46.7e9, rel=5e-3)
+  # Every other layer MoE: half the layers dense, half router + 2 of 8 experts.
+  half = dataclasses.replace(c, moe=MoEConfig(num_experts=8, top_k=2, every_n_layers=2))
+  dense = dataclasses.replace(c, moe=MoEConfig())
+  assert flops.matmul_params(half) - flops.matmul_params(dense) == 16 * (4096 * 8 + 3 * 4096 * 14336)

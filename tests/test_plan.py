@@ -64,7 +64,7 @@ def test_cli_sets_its_own_device_count():
        '--mesh', 'data=2,fsdp=2,tensor=1', '--remat', 'full,dots', '--hbm', '1', *SMALL],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1} on 4 devices" in out.stdout, out.stdout
+  assert "mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 1} on 4 devices" in out.stdout, out.stdout
   lines = [l for l in out.stdout.splitlines() if l.startswith(('full', 'dots'))]
   assert len(lines) == 2 and all(l.rstrip().endswith('yes') for l in lines), out.stdout
 

@@ -35,11 +35,11 @@ RULES = sharding.rules_from_config(MeshConfig())
 
 def test_make_mesh_fills_minus_one_and_names_axes():
   mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
-  assert mesh.axis_names == ('data', 'fsdp', 'tensor')
-  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert mesh.axis_names == ('data', 'fsdp', 'expert', 'tensor')
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2}
   assert mesh.devices.size == 8
   one = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-  assert dict(one.shape) == {'data': 1, 'fsdp': 1, 'tensor': 1}
+  assert dict(one.shape) == {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}
 
 
 @pytest.mark.parametrize('sizes, match', [
@@ -120,9 +120,9 @@ def test_optimizer_state_shardings_mirror_params():
 
 
 def test_logical_to_spec_and_constrain():
-  assert sharding.logical_to_spec(('batch', 'seq', 'embed'), RULES) == P(('data', 'fsdp'), None, None)
+  assert sharding.logical_to_spec(('batch', 'seq', 'embed'), RULES) == P(('data', 'fsdp', 'expert'), None, None)
   seq_rules = {**RULES, 'seq': 'tensor'}
-  assert sharding.logical_to_spec(('batch', 'seq', 'embed'), seq_rules) == P(('data', 'fsdp'), 'tensor', None)
+  assert sharding.logical_to_spec(('batch', 'seq', 'embed'), seq_rules) == P(('data', 'fsdp', 'expert'), 'tensor', None)
   x = jnp.arange(8 * 4 * 2, dtype=jnp.float32).reshape(8, 4, 2)
   assert sharding.constrain(x, ('batch', 'seq', 'embed')) is x  # no rules: a no-op
   mesh = mesh_of(2, 2, 2)

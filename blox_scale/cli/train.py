@@ -337,8 +337,9 @@ def train(config: Config) -> int:
     writer.write(record)
     progress.update(last_step, record)
     if progress.bar is None:  # no bar (CI logs, progress=false): one plain line per log step
+      moe = ''.join(f', {k} {record[k]:.4g}' for k in sorted(record) if k.startswith('moe_'))  # model.moe
       log(f"step {last_step}: loss {record['loss']:.4f}, lr {record['learning_rate']:.2e}, "
-          f"{record['tokens_per_sec']:,.0f} tok/s, mfu {100 * record['mfu']:.1f}%")
+          f"{record['tokens_per_sec']:,.0f} tok/s, mfu {100 * record['mfu']:.1f}%{moe}")
     if bad:
       raise NonFiniteError(f'non-finite loss or gradients at step {bad[0]} (loss={record["loss"]}, '
                            f'grad_norm={record["grad_norm"]}); the update was skipped and the run stops. '

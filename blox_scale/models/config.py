@@ -13,7 +13,10 @@ import math
 
 import jax.numpy as jnp
 
-from blox_scale.nn.config import AttentionConfig, BlockConfig, MLPConfig, field, inherit
+from blox_scale.nn.config import AttentionConfig, BlockConfig, MLPConfig, MoEConfig, field, inherit
+
+# The block `model.moe` resolves to when `model.block` is empty (the plug-in path a user's block takes).
+MOE_BLOCK = 'blox_scale.nn.moe_block:moe_block'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,15 @@ class ModelConfig:
   factory: str = field('', "The whole model: '' (DecoderLM, repeating model.block) or 'pkg.module:fn', a function (graph, model_config, rng) -> model with config, init(seed) and loss(params, batch, is_training) (models/protocol.py, docs/custom_blocks.md); excludes model.block.")
   factory_args: dict = dataclasses.field(default_factory=dict, hash=False, metadata={
       'doc': 'Free-form options of a model.factory function, validated by it (read as model_config.factory_args).'})
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig, metadata={
+      'doc': f'Mixture of experts (docs/moe.md): num_experts > 0 with model.block empty builds {MOE_BLOCK}.'})
+
+  @property
+  def block_factory(self) -> str:
+    """The `pkg.module:factory` the Stack repeats: `model.block`, else the MoE block when `model.moe` is on, else '' (TransformerBlock)."""
+    if self.block:
+      return self.block
+    return MOE_BLOCK if self.moe.num_experts > 0 else ''
 
   def block_config(self, attention_impl: str | None = None) -> BlockConfig:
     """The `BlockConfig` of every layer: same-named fields copied, the rest derived here.

@@ -102,8 +102,10 @@ class DecoderLM:
       self.pos_embed = bx.Embed(graph.child('pos_embed'), c.max_seq_len, c.d_model, self.rng, embedding_init=init,
                                 embedding_metadata={'sharding': (None, 'embed')},
                                 param_dtype=self.param_dtype, dtype=self.dtype)
-    if c.block:  # the user's layer (models/plugin.py); the Stack repeats it like any block
-      factory = plugin.resolve(c.block)
+    per_block = 1  # layers one block holds (a repeating pattern, e.g. dense + MoE)
+    if c.block_factory:  # the user's layer, or model.moe's (models/plugin.py); the Stack repeats it like any block
+      factory = plugin.resolve(c.block_factory, 'model.block' if c.block else 'model.moe')
+      per_block = plugin.layers_per_block(factory, c)
       block = lambda g: factory(g, c, self.rng)
     else:
       block_config = c.block_config(attention_impl)
@@ -112,8 +114,12 @@ class DecoderLM:
       raise ValueError("DecoderLM: model.remat='auto' is resolved by the trainer (blox-train, blox-plan) from the "
                        'compiled step; build the model with the policy it chose '
                        '(blox_scale.training.remat_auto.candidate_config).')
-    self.layers = Stack(graph.child('layers'), block, c.num_layers, rng=self.rng, remat=c.remat,
+    self.layers = Stack(graph.child('layers'), block, c.num_layers // per_block, rng=self.rng, remat=c.remat,
                         remat_names=c.remat_names, scan=c.scan_layers, nested=c.remat_nested)
+    self.layers_per_block = per_block
+    # A block with `aux_names` (the MoE block) carries `(x, {name: f32[] running sum})` through the
+    # layers; aux['aux_loss'] joins the loss and every entry is a metric (models/plugin.py).
+    self.aux_names = tuple(getattr(self.layers.block, 'aux_names', ()))
     self.final_norm = make_norm(graph.child('final_norm'), c.norm, c.norm_eps, self.param_dtype, self.dtype)
     self.head = None
     if not c.tie_embeddings:
@@ -170,6 +176,12 @@ class DecoderLM:
     document) feed RoPE / the learned position table. None: one sequence,
     positions `0..seq-1`.
     """
+    logits, _, params = self._forward(params, tokens, is_training, segment_ids, positions)
+    return logits, params
+
+  def _forward(self, params: bx.Params, tokens: jax.Array, is_training: bool, segment_ids: jax.Array | None,
+               positions: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array], bx.Params]:
+    """`__call__` that also returns the blocks' auxiliary sums (`{}` for blocks without `aux_names`)."""
     self._check_tokens(tokens, '__call__')
     batch, seq = tokens.shape
     if seq > self.config.max_seq_len:
@@ -180,8 +192,15 @@ class DecoderLM:
     x, params = self._embed(params, tokens, positions.astype(jnp.int32))
     # `mask=` only for packed documents: a block without packing support keeps working unpacked.
     extra = {} if mask is None else {'mask': mask}
-    x, params = self.layers(params, x, positions=positions.astype(jnp.int32), is_training=is_training, **extra)
-    return self._logits(params, x)
+    x, params = self.layers(params, self._carry(x), positions=positions.astype(jnp.int32), is_training=is_training,
+                            **extra)
+    x, aux = x if self.aux_names else (x, {})
+    logits, params = self._logits(params, x)
+    return logits, aux, params
+
+  def _carry(self, x: jax.Array) -> Any:
+    """The Stack's carry: `x`, or `(x, zeros of aux_names)` for a block that reports auxiliary values."""
+    return (x, {n: jnp.zeros((), jnp.float32) for n in self.aux_names}) if self.aux_names else x
 
   def loss(self, params: bx.Params, batch: Batch, is_training: bool = True) -> tuple[jax.Array, tuple[dict[str, jax.Array], bx.Params]]:
     """Masked mean next-token cross-entropy (+ z-loss).
@@ -191,14 +210,16 @@ class DecoderLM:
     for packed documents (see `__call__`; the data pipeline already zeroes the
     mask of each cross-document target). Returns `(total, (metrics, params))` with metrics
     'loss' (cross-entropy), 'z_loss' (its weighted contribution), 'total_loss'
-    and 'tokens' (the mask sum). z-loss (PaLM) is `z_loss * log(Z)**2`: it
+    and 'tokens' (the mask sum); a block with `aux_names` (MoE) adds its
+    sums: 'aux_loss' (its weighted losses, part of the total) and its own
+    metrics ('moe_aux_loss', 'moe_z_loss', 'moe_dropped_frac'). z-loss (PaLM) is `z_loss * log(Z)**2`: it
     keeps the softmax normaliser near 1 so bf16 logits do not drift.
     """
     missing = [k for k in ('inputs', 'targets', 'mask') if k not in batch]
     if missing:
       raise KeyError(f'DecoderLM.loss: batch is missing {missing}; it needs inputs, targets and mask.')
-    logits, params = self(params, batch['inputs'], is_training=is_training,
-                          segment_ids=batch.get('segment_ids'), positions=batch.get('positions'))  # f32[B, T, V]
+    logits, aux, params = self._forward(params, batch['inputs'], is_training, batch.get('segment_ids'),
+                                        batch.get('positions'))  # f32[B, T, V]
     targets = batch['targets']
     mask = batch['mask'].astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)                                   # [B, T]
@@ -208,7 +229,11 @@ class DecoderLM:
     ce = jnp.sum((log_z - target_logit) * mask) / denom
     z_loss = self.config.z_loss * jnp.sum(jnp.square(log_z) * mask) / denom
     total = ce + z_loss
-    metrics = {'loss': ce, 'z_loss': z_loss, 'total_loss': total, 'tokens': tokens}
+    metrics = {'loss': ce, 'z_loss': z_loss}
+    if aux:  # the blocks' own losses (MoE load balancing, router z-loss), already weighted, and their metrics
+      total = total + aux['aux_loss']
+      metrics.update(aux)
+    metrics.update(total_loss=total, tokens=tokens)
     return total, (metrics, params)
 
   # -- decoding with a KV cache --------------------------------------------------
@@ -222,7 +247,7 @@ class DecoderLM:
     """Raises `plugin.DecodeNotSupported` (one line) when the block cannot decode with a KV cache."""
     if not self.can_decode:
       raise plugin.DecodeNotSupported(
-          f'model.block={self.config.block!r}: its block takes no KV cache, so this model cannot decode '
+          f'model.block={self.config.block_factory!r}: its block takes no KV cache, so this model cannot decode '
           '(blox-sample, end-of-training samples); give its __call__ a cache parameter '
           '(the call form is in docs/custom_blocks.md)')
 
@@ -260,8 +285,13 @@ class DecoderLM:
     key_valid = jnp.arange(length, dtype=jnp.int32)[None, :] >= pad[:, None]        # [B, S]
     mask = attention_mask(slots, key_valid, self.config.sliding_window)            # [B, 1, T, S]
     x, params = self._embed(params, tokens, positions)
+    g = self.layers_per_block  # a pattern block gets its g layers' cache: [L, ...] -> [L / g, g, ...]
+    per_block = cache if g == 1 else jax.tree.map(lambda a: a.reshape((-1, g) + a.shape[1:]), cache)
     (x, new_kv), params = self.layers.call_per_layer(
-        params, x, cache, positions=positions, mask=mask, cache_index=cache_index)
+        params, self._carry(x), per_block, positions=positions, mask=mask, cache_index=cache_index)
+    x = x[0] if self.aux_names else x
+    if g > 1:
+      new_kv = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), new_kv)
     start = (0, 0, cache_index, 0, 0)
     cache = {name: jax.lax.dynamic_update_slice(cache[name], new_kv[name], start) for name in cache}
     logits, params = self._logits(params, x)

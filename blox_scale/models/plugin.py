@@ -21,6 +21,15 @@ with `cache = {'k', 'v'}: [batch, S, kv_heads, head_dim]` (its layer's
 slice) and `new_kv` its T new keys/values (`bs.Attention` implements exactly
 this, so a block built from it gets decoding for free).
 
+A factory whose block holds a repeating pattern of n layers (bs.Group) says
+so with an attribute `factory.layers_per_block(config) -> n`; the Stack then
+scans num_layers / n blocks, and the cache call gets `[n, batch, S, ...]`.
+A block that adds to the loss declares `aux_names` (a tuple of names,
+including 'aux_loss'): DecoderLM then passes the carry `(x, aux)` with
+`aux = {name: f32[]}` running sums (zeros into the first layer), adds the
+final `aux['aux_loss']` to the loss and reports every entry as a metric
+(nn/moe_block.py is the worked example).
+
 The factory path is recorded in the run's config.yaml, so every tool that
 rebuilds the model (resume, blox-sample, blox-plan, blox-convert) gets the
 same block. docs/custom_blocks.md walks through a complete example.
@@ -92,6 +101,16 @@ def _import(module_name: str) -> Any:
       raise
     sys.path.insert(0, cwd)
     return importlib.import_module(module_name)
+
+
+def layers_per_block(factory: Callable[..., Any], config: Any) -> int:
+  """How many layers one block of `factory` holds (`factory.layers_per_block(config)`, default 1)."""
+  count = getattr(factory, 'layers_per_block', None)
+  n = 1 if count is None else count(config)
+  if not isinstance(n, int) or n < 1 or config.num_layers % n:
+    raise PluginError(f'model.num_layers={config.num_layers}: the block holds {n} layers, which must divide it; '
+                      f'set model.num_layers to a multiple of {n}')
+  return n
 
 
 def supports_cache(block: Any) -> bool:

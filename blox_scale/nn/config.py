@@ -103,3 +103,17 @@ class BlockConfig:
     merged = {n: getattr(source, n) for n in known if hasattr(source, n)}
     merged = types.SimpleNamespace(**{**merged, **values})
     return derive(cls, merged, attention=derive(AttentionConfig, merged), mlp=derive(MLPConfig, merged))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-experts MLP: router, top-k routing, dispatch, auxiliary losses (nn/moe.py, docs/moe.md)."""
+  num_experts: int = field(0, 'Experts per MoE layer (0 = no MoE: every layer has a dense MLP).')
+  top_k: int = field(2, 'Experts each token is sent to.')
+  every_n_layers: int = field(1, 'Every n-th layer is MoE, the others dense (1 = all; 2 = dense, MoE, dense, MoE, ...).')
+  mlp_dim: int = field(0, 'Hidden width of each expert (0 = model.mlp_dim).')
+  capacity_factor: float = field(1.25, "dispatch='capacity': slots per expert = ceil(capacity_factor * tokens * top_k / num_experts) per sequence.")
+  dispatch: str = field('dropless', "'dropless' (tokens sorted by expert, grouped matmul with jax.lax.ragged_dot) or 'capacity' (fixed slots per expert, one-hot einsums; overflow is dropped).")
+  routing: str = field('topk_softmax', "'topk_softmax' (softmax over the k chosen logits: Mixtral) or 'softmax_topk' (softmax over all experts, keep the k largest probabilities unrenormalised: Switch, DeepSeek).")
+  aux_loss_weight: float = field(0.01, 'Weight of the load-balancing loss num_experts * sum_e f_e * p_e (mean over MoE layers).')
+  z_loss_weight: float = field(0.001, 'Weight of the router z-loss mean(logsumexp(router logits)**2) (mean over MoE layers).')

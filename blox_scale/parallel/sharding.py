@@ -6,15 +6,17 @@ Params and activations are annotated with logical names ('embed', 'mlp',
 at block boundaries; outside `use_mesh_rules(...)` it is a no-op, so the same
 model runs unsharded on one device with no code change.
 
-  mesh = make_mesh(cfg.mesh)                   # axes ('data', 'fsdp', 'tensor')
-  rules = rules_from_config(cfg.mesh)          # {'embed': 'fsdp', 'batch': ('data', 'fsdp'), ...}
+  mesh = make_mesh(cfg.mesh)                   # axes ('data', 'fsdp', 'expert', 'tensor')
+  rules = rules_from_config(cfg.mesh)          # {'embed': 'fsdp', 'batch': ('data', 'fsdp', 'expert'), ...}
   shardings = param_shardings(jax.eval_shape(model.init, 0), mesh, rules)
 
 Parallelism comes from the rules alone: 'batch' over data (and fsdp) is data
 parallelism; 'embed' -> fsdp shards every weight along d_model (ZeRO-3 /
 FSDP: XLA all-gathers a layer's weights just before use and reduce-scatters
 its gradients); 'mlp'/'heads' -> tensor is Megatron-style tensor
-parallelism; 'seq' -> tensor shards the residual stream between blocks
+parallelism; 'expert' -> expert splits the stacked expert weights of MoE
+layers [E, ...] (expert parallelism; the batch is split over expert too, so
+outside the MoE layers the expert axis is data parallelism); 'seq' -> tensor shards the residual stream between blocks
 along the sequence (sequence parallelism). The stacked 'layers' axis stays
 unsharded so that the scan slices a layer locally.
 """
@@ -91,16 +93,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # Meshes
 # -----------------------------------------------------------------------------
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
-def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
-  """`(data, fsdp, tensor)` sizes for `num_devices`; one size may be -1 (fills).
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
+  """`(data, fsdp, expert, tensor)` sizes for `num_devices`; one size may be -1 (fills).
 
   Raises a ValueError naming the `mesh.*` keys when the sizes cannot multiply
   to the device count.
   """
-  sizes = {name: int(getattr(mesh_cfg, name)) for name in MESH_AXES}
+  sizes = {name: int(getattr(mesh_cfg, name, 1)) for name in MESH_AXES}
   given = ', '.join(f'mesh.{k}={v}' for k, v in sizes.items())
   fill = [k for k, v in sizes.items() if v == -1]
   bad = [k for k, v in sizes.items() if v == 0 or v < -1]
@@ -116,12 +118,12 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   elif known != num_devices:
     raise ValueError(
         f'Mesh sizes ({given}) multiply to {known}, but there are {num_devices} devices. '
-        f'Make data*fsdp*tensor = {num_devices}, or set one of them to -1 to fill.')
+        f'Make data*fsdp*expert*tensor = {num_devices}, or set one of them to -1 to fill.')
   return tuple(sizes[k] for k in MESH_AXES)  # type: ignore[return-value]
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `Mesh` with axes ('data', 'fsdp', 'tensor') over `devices` (default: all).
+  """A `Mesh` with axes ('data', 'fsdp', 'expert', 'tensor') over `devices` (default: all).
 
   Axes are `AxisType.Auto`: the compiler propagates shardings from the
   params, the batch and `constrain` calls (GSPMD), so model code never names

@@ -101,12 +101,14 @@ class MeshConfig:
   """Device mesh and logical-to-mesh axis rules."""
   data: int = field(-1, 'Data-parallel axis size (-1 = whatever devices remain).')
   fsdp: int = field(1, 'Fully-sharded data-parallel axis size (params sharded, batch split).')
+  expert: int = field(1, 'Expert-parallel axis size (MoE experts split; the batch is split over it too).')
   tensor: int = field(1, 'Tensor-parallel axis size (heads and mlp split).')
   rules: dict = field({
-      'batch': ['data', 'fsdp'],
+      'batch': ['data', 'fsdp', 'expert'],
       'vocab': 'tensor',
       'embed': 'fsdp',
       'mlp': 'tensor',
+      'expert': 'expert',
       'heads': 'tensor',
       'kv_heads': 'tensor',
       'head_dim': None,

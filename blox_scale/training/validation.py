@@ -26,7 +26,7 @@ import numpy as np
 
 from blox_scale.training.config import Config, ConfigError
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> None:
@@ -81,7 +81,8 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
     _fail('model.factory_args', dict(m.factory_args), 'is set but model.factory is empty',
           "name the model with model.factory='pkg.module:fn' (or drop the options)")
   # Import the user's factory and build the model now: a config error, not a crash after compile.
-  for key, spec in (('model.block', m.block), ('model.factory', m.factory)):
+  moe_key = 'model.block' if m.block else 'model.moe'  # model.moe resolves to the MoE block (models/config.py)
+  for key, spec in ((moe_key, m.block_factory), ('model.factory', m.factory)):
     if spec:
       try:
         resolve(spec, key)
@@ -120,8 +121,32 @@ def check_model(m: Any, tokenizer: str = 'byte') -> None:
           'use a divisor of num_heads (1 = multi-query, 0 = num_heads)')
   if tokenizer == 'byte' and m.vocab_size < 256:  # a tokenizer file's vocab is checked where it is loaded
     _fail('model.vocab_size', m.vocab_size, 'is smaller than the byte tokenizer (256 ids)', 'set model.vocab_size=256 or more')
-  if m.block or m.factory:
+  check_moe(m)
+  if m.block_factory or m.factory:
     _check_plugin(m)
+
+
+def check_moe(m: Any) -> None:
+  """`model.moe.*`: sizes, names, weights (only when model.moe.num_experts > 0)."""
+  from blox_scale.nn.moe import DISPATCH, ROUTING
+
+  e = m.moe
+  _at_least('model.moe.num_experts', e.num_experts, 0, 'use 0 (no MoE) or the number of experts')
+  if e.num_experts == 0:
+    return
+  if not 1 <= e.top_k <= e.num_experts:
+    _fail('model.moe.top_k', e.top_k, f'must be in [1, model.moe.num_experts={e.num_experts}]', 'route each token to 1..num_experts experts')
+  _at_least('model.moe.every_n_layers', e.every_n_layers, 1, 'use 1 (every layer MoE) or n (every n-th)')
+  if m.num_layers % e.every_n_layers:
+    _fail('model.moe.every_n_layers', e.every_n_layers, f'does not divide model.num_layers={m.num_layers}',
+          'pick a divisor of num_layers (the Stack repeats n - 1 dense layers and one MoE layer)')
+  _at_least('model.moe.mlp_dim', e.mlp_dim, 0, 'use 0 for model.mlp_dim or a positive expert width')
+  if not e.capacity_factor > 0:
+    _fail('model.moe.capacity_factor', e.capacity_factor, 'must be > 0', 'e.g. model.moe.capacity_factor=1.25')
+  _one_of('model.moe.dispatch', e.dispatch, DISPATCH)
+  _one_of('model.moe.routing', e.routing, ROUTING)
+  _at_least('model.moe.aux_loss_weight', e.aux_loss_weight, 0.0)
+  _at_least('model.moe.z_loss_weight', e.z_loss_weight, 0.0)
 
 
 def _check_plugin(m: Any) -> None:
@@ -129,7 +154,7 @@ def _check_plugin(m: Any) -> None:
   `model.factory_args` and a whole model's type is checked here."""
   from blox_scale.models import build_model
 
-  key, spec = ('model.factory', m.factory) if m.factory else ('model.block', m.block)
+  key, spec = ('model.factory', m.factory) if m.factory else ('model.block', m.block_factory)
   try:
     build_model(m)
   except (ValueError, TypeError, KeyError) as e:
@@ -344,7 +369,7 @@ def check_config(config: Config, files: bool = True) -> None:
 
 
 def mesh_sizes(mesh: Any, num_devices: int) -> dict[str, int]:
-  """`{'data': ., 'fsdp': ., 'tensor': .}` for `num_devices`, the -1 axis filled; ConfigError if impossible."""
+  """`{'data': ., 'fsdp': ., 'expert': ., 'tensor': .}` for `num_devices`, the -1 axis filled; ConfigError if impossible."""
   sizes = {k: getattr(mesh, k) for k in MESH_AXES}
   given = ' '.join(f'mesh.{k}={v}' for k, v in sizes.items())
   known = math.prod(v for v in sizes.values() if v != -1)
@@ -356,7 +381,7 @@ def mesh_sizes(mesh: Any, num_devices: int) -> dict[str, int]:
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
     raise ConfigError(f'{given}: the mesh multiplies to {known} but there are {num_devices} device(s); '
-                      f'make data*fsdp*tensor={num_devices} or set one axis to -1')
+                      f'make data*fsdp*expert*tensor={num_devices} or set one axis to -1')
   return sizes
 
 
