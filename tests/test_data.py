@@ -168,3 +168,52 @@ def test_iterator_state_resumes_at_the_exact_next_batch():
       np.testing.assert_array_equal(got[k], want[k])
   # A fresh iterator starts at batch 0, which differs.
   assert not np.array_equal(next(bd.build_data(cfg, 256, tokens=tokens).train)['inputs'], expected[0]['inputs'])
+
+
+def test_data_position_is_global_so_any_process_count_resumes_it():
+  """Elastic resume: the state one process of two saved continues on 1 and on 4 processes."""
+  cfg = _cfg(seq_len=8, batch_size=8, max_bytes=20_000)
+  tokens = bd.load_tokens(cfg)
+  whole = bd.build_data(cfg, 256, tokens=tokens)  # the reference: global batches 0, 1, ... in one process
+  want = [next(whole.train) for _ in range(6)]
+  half = bd.build_data(cfg, 256, tokens=tokens, rows=slice(4, 8))  # process 1 of 2
+  for _ in range(3):
+    next(half.train)
+  state = half.train.get_state()
+  assert state['global_batch'] == 3 and state['batch_size'] == 8 and state['shuffle_seed'] == 0
+  for processes in (1, 4):
+    per = 8 // processes
+    parts = [bd.build_data(cfg, 256, tokens=tokens, state=state, rows=slice(p * per, (p + 1) * per)).train
+             for p in range(processes)]
+    for reference in want[3:]:
+      got = [next(it) for it in parts]
+      for k, v in reference.items():
+        np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), v)
+  # Earlier checkpoints held grain's own iterator states: one iterator, or the interleave of 2 workers.
+  assert bd.resume_position({'next_index': 5}) == 5
+  assert bd.resume_position({'next_index_in_cycle': 1, 'iterators_in_use_states': [{'next_index': 2},
+                                                                                   {'next_index': 1}]}) == 3
+  assert bd.resume_position(None) == 0
+
+
+def test_a_resume_that_changes_the_global_batches_is_refused():
+  cfg = _cfg(seq_len=8, batch_size=8, max_bytes=20_000)
+  tokens = bd.load_tokens(cfg)
+  state = {'global_batch': 3, **bd.stream_identity(cfg, tokens)}
+  bd.check_resume_state(state, dataclasses.replace(cfg, worker_count=2), tokens, 'w/checkpoints/3')  # may change
+  bd.check_resume_state({'next_index': 3}, dataclasses.replace(cfg, batch_size=4), tokens, 'w')  # records nothing
+  for key, value in (('batch_size', 4), ('seq_len', 16), ('shuffle_seed', 1), ('packing', 'document')):
+    with pytest.raises(ConfigError) as e:
+      bd.check_resume_state(state, dataclasses.replace(cfg, **{key: value}), tokens, 'w/checkpoints/3')
+    old = getattr(cfg, key)
+    assert str(e.value) == (f'data.{key}={old!r} -> {value!r}: the run in w/checkpoints/3 was trained with '
+                            f'data.{key}={old!r} and a resumed run must see the global batches it would have seen; '
+                            f'resume with data.{key}={old!r} (processes, devices and the mesh may change), or start '
+                            'fresh with checkpoint.resume=false or a new train.workdir')
+  with pytest.raises(ConfigError, match=r"^data.seq_len=8 -> 16, data.packing='concat' -> 'document': .* trained "
+                     r"with data.seq_len=8, data.packing='concat' and .*; resume with data.seq_len=8, "
+                     r"data.packing='concat' \(processes"):
+    bd.check_resume_state(state, dataclasses.replace(cfg, seq_len=16, packing='document'), tokens, 'w')
+  with pytest.raises(ConfigError, match=r'^data: the corpus differs from the one the run in w was trained on '
+                     r'\(tokens:sha1 20000:\w+ -> 20000:\w+\).*data.path may move'):
+    bd.check_resume_state(state, cfg, tokens[::-1], 'w')

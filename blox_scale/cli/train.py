@@ -46,7 +46,7 @@ from blox_scale.cli.common import ArgumentParser, run_cli
 from blox_scale.training.checkpoint import Checkpointer
 from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_config, merge_into, read_config, save_config, to_dict
 from blox_scale.training.disk import WriteFailed, writing
-from blox_scale.training.data import build_data, check_corpus, load_tokens
+from blox_scale.training.data import build_data, check_corpus, check_resume_state, check_stream, load_tokens, stream_identity
 from blox_scale.training.integrity import all_finite
 from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers, raised_in_tensorboardx
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
@@ -155,7 +155,7 @@ def _abstract_state(cfg: Config, model: Model | None = None, optimizer: Any = No
 
 
 def check_resume(workdir: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
-  """Differences between the workdir's config.yaml and `cfg`; ConfigError if they change shapes."""
+  """Differences between the workdir's config.yaml and `cfg`; ConfigError if they change shapes or the data stream."""
   try:
     old = read_config(workdir)
   except Exception as e:  # noqa: BLE001  (unreadable or from an incompatible version)
@@ -164,6 +164,7 @@ def check_resume(workdir: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
   changes = config_changes(old, cfg)
   if not changes:
     return changes
+  check_stream(stream_identity(old.data), stream_identity(cfg.data), str(workdir))  # the global batches stay
   shapes = lambda c: (lambda t: (jax.tree.structure(t), [(x.shape, str(x.dtype)) for x in jax.tree.leaves(t)]))(
       _abstract_state(c))
   before = shapes(old)
@@ -242,6 +243,11 @@ def train(config: Config) -> int:
   latest, data_state = None, None
   if restored is not None:
     latest, state, data_state = restored
+    try:  # the global batches continue as the checkpoint recorded them (config.yaml may be gone or edited)
+      check_resume_state(data_state, cfg.data, tokens, f'{checkpoints.directory}/{latest}')
+    except ConfigError:
+      checkpoints.close()
+      raise
     log(f'resumed from {checkpoints.directory}/{latest}')
   elif cfg.finetune.init_from:
     state = finetune.init_train_state(model, optimizer, cfg, mesh, rules, state_shardings)
@@ -264,7 +270,8 @@ def train(config: Config) -> int:
 
   # -- 6. data --------------------------------------------------------------------------------------
   data = build_data(cfg.data, cfg.model.vocab_size, rows=rows, eval_batches=cfg.train.eval_batches, state=data_state,
-                    tokens=tokens, tokenizer=tokenizer)
+                    tokens=tokens, tokenizer=tokenizer,
+                    hash_log=workdir / 'data_hashes' / f'process_{jax.process_index()}.jsonl' if cfg.data.log_hashes else None)
   log(f'data: {cfg.data.source}, {data.num_tokens:,} tokens, {data.num_train_windows:,} train / '
       f'{data.num_eval_windows:,} eval windows of {cfg.data.seq_len}; unigram entropy {data.unigram_entropy:.3f} nats')
 

@@ -47,6 +47,7 @@ class DataConfig:
   max_bytes: int = field(4_000_000, "Cap on the bytes read for the 'stdlib' corpus (keeps start-up fast).")
   worker_count: int = field(0, 'grain worker processes (0 = in the main process).')
   packing: str = field('concat', "'concat': windows of the plain token stream (tokens attend across documents); 'document': windows also carry segment_ids and positions, attention is block-causal within each document, positions restart per document and the cross-document target is not counted.")
+  log_hashes: bool = field(False, 'Append a hash of each row of each train batch this process loads to <workdir>/data_hashes/process_<i>.jsonl, by global batch index (shows that a resumed or rescaled run reads the same global batches).')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,14 +6,19 @@
             (+ 'segment_ids', 'positions': int32[T] with data.packing='document')
       -> train: grain MapDataset .shuffle(seed) .repeat() .batch(rows per process)
                 [first::chunks_per_batch]  -> this process's rows of each global batch
+                [global_batch:]            -> GlobalBatches, resumed at the checkpoint's global batch index
       -> eval:  the last `eval_fraction` of the windows, in order
 
 Every batch is a pure function of its index: global batch `i` is windows
-`[i*B, (i+1)*B)` of the shuffled stream, whatever the process count, and a
-process reads only its rows of it. The iterator's state is therefore a
-single integer (`{'next_index': n}` from grain's `DatasetIterator.get_state()`),
-saved with every checkpoint so that a resumed run continues with exactly the
-batch it would have seen.
+`[i*B, (i+1)*B)` of the shuffled stream (a function of `data.shuffle_seed`,
+`i` and `data.batch_size` only), whatever the process count, and a process
+reads only its rows of it. The data position saved with every checkpoint is
+therefore global (`GlobalBatches.get_state()`: the next global batch index plus
+what fixes the stream: batch size, seq_len, seed, source, packing, a corpus
+fingerprint), so a run resumed on any number of processes, devices or mesh shape
+continues with exactly the global batches it would have seen (elastic resume,
+docs/scaling.md); `check_resume_state` refuses a resume whose data settings
+would change them.
 
 The default corpus is this Python's own standard library source, read from
 the running interpreter: it exists on every machine with no download.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import sysconfig
@@ -34,6 +40,7 @@ import grain
 import numpy as np
 
 from blox_scale.training.config import ConfigError, DataConfig
+from blox_scale.training.disk import writing
 from blox_scale.training.tokenizer import (DOCUMENT_SEPARATOR, TOKEN_FILE_DTYPES, ByteTokenizer, Tokenizer,
                                            TokenizerError, check_vocab, get_tokenizer)
 
@@ -354,12 +361,12 @@ def check_corpus(tokens: np.ndarray, cfg: DataConfig, vocab_size: int) -> None:
 class Data:
   """What the trainer needs from the data section.
 
-  `train`: an endless grain iterator of this process's batches
+  `train`: an endless iterator of this process's rows of each global batch
   (`{'inputs': int32[B/P, T], 'targets': int32[B/P, T], 'mask': float32[B/P, T]}`)
-  with `get_state()`/`set_state()`; `eval_batches()`: the same held-out
-  batches every time; `unigram_entropy`: nats, of the training split.
+  whose `get_state()` is the global data position; `eval_batches()`: the same
+  held-out batches every time; `unigram_entropy`: nats, of the training split.
   """
-  train: grain.DatasetIterator
+  train: GlobalBatches
   eval_dataset: grain.MapDataset | None
   eval_batch_count: int
   num_train_windows: int
@@ -419,8 +426,8 @@ def make_iterator(ds: grain.MapDataset, state: dict[str, Any] | None = None,
                   *, worker_count: int = 0, prefetch: int = 4) -> grain.DatasetIterator:
   """A grain iterator reading ahead in background threads (off the step's critical path).
 
-  `state` (from `iterator.get_state()`, saved in each checkpoint) resumes at
-  the exact next batch.
+  `state` (from `iterator.get_state()`) resumes at the exact next element of
+  `ds` (the trainer resumes by global batch index instead: `GlobalBatches`).
   """
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if worker_count > 0:
@@ -434,15 +441,146 @@ def make_iterator(ds: grain.MapDataset, state: dict[str, Any] | None = None,
   return iterator
 
 
+# -----------------------------------------------------------------------------
+# The global data position (elastic resume)
+# -----------------------------------------------------------------------------
+
+# What fixes the stream of global batches (data.<key>): a resumed run must keep these, whatever its process
+# count, devices or mesh. The corpus itself is compared by a fingerprint ('corpus'), so data.path may move.
+STREAM_KEYS = ('batch_size', 'seq_len', 'shuffle_seed', 'source', 'max_bytes', 'eval_fraction', 'packing')
+
+
+def corpus_fingerprint(tokens: np.ndarray) -> str:
+  """`'<num tokens>:<sha1 of the first and last 1M tokens>'`: cheap even for a memory-mapped corpus of billions."""
+  n = 1 << 20
+  digest = hashlib.sha1(np.ascontiguousarray(tokens[:n]).tobytes())
+  digest.update(np.ascontiguousarray(tokens[-n:]).tobytes())
+  return f'{len(tokens)}:{digest.hexdigest()[:16]}'
+
+
+def stream_identity(cfg: DataConfig, tokens: np.ndarray | None = None) -> dict[str, Any]:
+  """`{key: value}` of `STREAM_KEYS` that matter for `cfg` (max_bytes only for 'stdlib'), + the corpus's fingerprint."""
+  out = {k: getattr(cfg, k) for k in STREAM_KEYS if k != 'max_bytes' or cfg.source == 'stdlib'}
+  if tokens is not None:
+    out['corpus'] = corpus_fingerprint(tokens)
+  return out
+
+
+def check_stream(recorded: dict[str, Any], now: dict[str, Any], where: str) -> None:
+  """ConfigError (one line: the keys, both values of each, the fix) when `now` changes recorded stream keys.
+
+  recorded/now: `stream_identity`s (keys missing from either are not compared);
+  where: the run or checkpoint that recorded them, for the message.
+  """
+  changed = [(k, old, now[k]) for k, old in recorded.items() if k in now and now[k] != old]
+  keys = [(k, old, new) for k, old, new in changed if k != 'corpus']
+  if keys:
+    was = ', '.join(f'data.{k}={old!r}' for k, old, _ in keys)
+    raise ConfigError(f"{', '.join(f'data.{k}={old!r} -> {new!r}' for k, old, new in keys)}: the run in {where} was "
+                      f'trained with {was} and a resumed run must see the global batches it would have seen; resume '
+                      f'with {was} (processes, devices and the mesh may change), or start fresh with '
+                      'checkpoint.resume=false or a new train.workdir')
+  if changed:
+    (_, old, new), = changed
+    raise ConfigError(f'data: the corpus differs from the one the run in {where} was trained on (tokens:sha1 {old} '
+                      f'-> {new}), so its global batches would differ; resume with the same corpus and '
+                      'data.tokenizer (data.path may move), or start fresh with checkpoint.resume=false or a new '
+                      'train.workdir')
+
+
+def resume_position(state: dict[str, Any] | None) -> int:
+  """The next global batch index recorded in a checkpoint's data state (0 for None).
+
+  Reads the current form (`{'global_batch': n, ...}`) and the grain iterator
+  states of earlier checkpoints: `{'next_index': n}` (one iterator over the
+  process's view, whose element n is global batch n) and the interleave state
+  of `data.worker_count > 0` (each worker's iterator counts the batches it
+  delivered; their sum is the number consumed).
+  """
+  if not state:
+    return 0
+  if 'global_batch' in state:
+    return int(state['global_batch'])
+  if 'next_index' in state:
+    return int(state['next_index'])
+  if 'iterators_in_use_states' in state:
+    return sum(int(s['next_index']) for s in state['iterators_in_use_states'])
+  raise ConfigError(f'the checkpoint holds an unrecognised data iterator state (keys {sorted(state)}); '
+                    'start fresh with checkpoint.resume=false or a new train.workdir')
+
+
+def check_resume_state(state: dict[str, Any] | None, cfg: DataConfig, tokens: np.ndarray, where: str) -> None:
+  """ConfigError when `cfg` and the corpus `tokens` would not continue the global batches `state` recorded.
+
+  state: a checkpoint's data state (`GlobalBatches.get_state()`); states of
+  earlier checkpoints record no stream: nothing to check.
+  """
+  if state and 'global_batch' in state:
+    recorded = {k: v for k, v in state.items() if k != 'global_batch'}
+    check_stream(recorded, stream_identity(cfg, tokens), where)
+
+
+def row_hashes(batch: Batch) -> list[str]:
+  """One short hex digest per row of `batch` (all its arrays): compares the data of two runs cheaply."""
+  rows = len(batch['inputs'])
+  return [hashlib.sha1(b''.join(np.ascontiguousarray(batch[k][r]).tobytes() for k in sorted(batch))).hexdigest()[:16]
+          for r in range(rows)]
+
+
+HASHES = 'the data hashes'  # what `data.log_hashes` writes, for a failed write's message
+
+
+class GlobalBatches:
+  """This process's rows of global batches `start, start + 1, ...` (an endless iterator).
+
+  `get_state()` -> `{'global_batch': next index, **stream identity}`: the
+  position any process count resumes from (`build_data(state=...)`).
+  `hash_log`: a JSON-lines file receiving `{'global_batch', 'first_row',
+  'rows': row_hashes}` for every batch handed out (`data.log_hashes`).
+  """
+
+  def __init__(self, ds: grain.MapDataset, start: int, identity: dict[str, Any], *, first_row: int = 0,
+               worker_count: int = 0, hash_log: str | Path | None = None):
+    self._iterator = make_iterator(ds[start:], worker_count=worker_count)
+    self.next_batch = start
+    self.identity = identity
+    self.first_row = first_row
+    self._log = None
+    if hash_log is not None:
+      self._log_path = Path(hash_log)
+      with writing(self._log_path, HASHES):
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self._log_path, 'a')  # noqa: SIM115  (open for the life of the run)
+
+  def __iter__(self) -> GlobalBatches:
+    return self
+
+  def __next__(self) -> Batch:
+    batch = next(self._iterator)
+    if self._log is not None:
+      with writing(self._log_path, HASHES):
+        self._log.write(json.dumps({'global_batch': self.next_batch, 'first_row': self.first_row,
+                                    'rows': row_hashes(batch)}) + '\n')
+        self._log.flush()
+    self.next_batch += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {'global_batch': self.next_batch, **self.identity}
+
+
 def build_data(cfg: DataConfig, vocab_size: int, *, rows: slice | None = None, eval_batches: int = 4,
                state: dict[str, Any] | None = None, tokens: np.ndarray | None = None,
-               tokenizer: Tokenizer | None = None) -> Data:
+               tokenizer: Tokenizer | None = None, hash_log: str | Path | None = None) -> Data:
   """Corpus -> train iterator (resumed at `state`) and eval batches.
 
   vocab_size: `model.vocab_size` (checked against `data.tokenizer`'s).
   rows: the rows of each global batch this process loads
     (`distributed.process_batch_slice`; None = all, a single process).
+  state: a checkpoint's data state (`Data.train.get_state()` of any process
+    count): the run continues at its global batch.
   tokenizer: `data.tokenizer`, loaded (None: loaded here).
+  hash_log: where to append the row hashes of every train batch (None: nowhere).
   """
   if tokens is None:
     tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
@@ -467,7 +605,9 @@ def build_data(cfg: DataConfig, vocab_size: int, *, rows: slice | None = None, e
   # the first 16M tokens: a memory-mapped corpus of billions must not be read at start-up.
   entropy = unigram_entropy(tokens[:min(len(tokens), n_train * cfg.seq_len + 1, 1 << 24)], vocab_size)
   return Data(
-      train=make_iterator(train, state, worker_count=cfg.worker_count),
+      train=GlobalBatches(train, resume_position(state), stream_identity(cfg, tokens),
+                          first_row=0 if rows is None else rows.start or 0, worker_count=cfg.worker_count,
+                          hash_log=hash_log),
       eval_dataset=evals,
       eval_batch_count=eval_batches,
       num_train_windows=n_train,

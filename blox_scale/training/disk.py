@@ -1,7 +1,7 @@
 """Writes to a run's workdir that fail (disk full, permissions): one line with the path, errno and fix.
 
 Every file the trainer writes (config.yaml, the tokenizer copy, metrics.jsonl,
-checkpoints, loss.png) goes through `writing(path, what)` or raises
+checkpoints, loss.png, data_hashes/) goes through `writing(path, what)` or raises
 `WriteFailed` itself, so a full disk reads the same wherever it is hit first:
 
     <path>: writing the metrics failed: No space left on device (errno 28, ENOSPC); free space on that
