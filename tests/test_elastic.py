@@ -37,7 +37,7 @@ TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=2', 'model.ml
         'model.max_seq_len=16', 'data.seq_len=16', 'data.batch_size=8', 'data.max_bytes=20000', 'data.log_hashes=true',
         'optimizer.schedule=constant', 'optimizer.warmup_steps=0', 'optimizer.learning_rate=1e-2',
         'train.progress=false', 'train.plot=false', 'train.sample_tokens=0', 'train.eval_every=0', 'train.log_every=1',
-        'checkpoint.every=4', 'checkpoint.keep=10']
+        'train.tensorboard=false', 'checkpoint.every=4', 'checkpoint.keep=10']
 
 
 def _args(*overrides: str) -> list[str]:
