@@ -69,8 +69,10 @@ def test_tensorboard_wandb_and_profile_trace(tmp_path):
   proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
-  records = {kind: read_metrics(workdir, kind) for kind in ('train', 'eval')}
+  records = {kind: read_metrics(workdir, kind) for kind in ('train', 'eval', 'goodput')}
   assert [r['step'] for r in records['train']] == [1, 2, 3, 4] and [r['step'] for r in records['eval']] == [2, 4]
+  records['goodput'] = list({r['step']: r for r in records['goodput']}.values())  # the last one per step
+  assert [r['step'] for r in records['goodput']] == [0, 1, 2, 3, 4]
   tb = tensorboard_scalars(workdir / 'tensorboard')
   calls = [json.loads(line) for line in log.read_text().splitlines()]
   assert calls[0]['call'] == 'init' and calls[0]['project'] == 'test' and calls[0]['config_steps'] == 4
@@ -79,7 +81,7 @@ def test_tensorboard_wandb_and_profile_trace(tmp_path):
   logged = {}  # what W&B received: {step: {tag: value}}
   for call in calls[1:-1]:
     logged.setdefault(call['step'], {}).update(call['values'])
-  for kind in ('train', 'eval'):
+  for kind in ('train', 'eval', 'goodput'):
     for record in records[kind]:
       for key, value in _numeric(record).items():
         tag = f'{kind}/{key}'

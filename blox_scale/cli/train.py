@@ -26,6 +26,7 @@ Errors are one line on stderr; `--debug` (or BLOX_DEBUG=1) adds the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -48,6 +49,7 @@ from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_co
 from blox_scale.training.disk import WriteFailed, writing
 from blox_scale.training.data import build_data, check_corpus, check_resume_state, check_stream, load_tokens, stream_identity
 from blox_scale.training.integrity import all_finite
+from blox_scale.training import goodput
 from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers, raised_in_tensorboardx
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
 from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, memory_report, plot_losses
@@ -187,6 +189,7 @@ def train(config: Config) -> int:
   """
   # -- 1. config (validated at load) ----------------------------------------------------------------
   started = time.perf_counter()
+  clock = goodput.Clock()  # this process's wall time by category (training/goodput.py)
   cfg = finetune.resolve(config)  # fine-tuning: the model section is the source checkpoint's
   workdir = Path(cfg.train.workdir)
   tokenizer = load_tokenizer(cfg)
@@ -284,6 +287,7 @@ def train(config: Config) -> int:
                                  grad_accum_steps=cfg.optimizer.grad_accum_steps, learning_rate_fn=schedule)
     return train_step.lower(abstract, batch_spec)
 
+  clock.lap('other')
   t0 = time.perf_counter()
   auto_record: dict[str, Any] = {}
   if auto_remat:  # XLA's memory analysis of each candidate, least recomputation first
@@ -295,6 +299,7 @@ def train(config: Config) -> int:
   else:
     compiled = lower_step(model).compile()
   compile_s = time.perf_counter() - t0
+  clock.lap('compile')
   eval_step = make_eval_step(model, mesh, rules, batch_shardings)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
@@ -304,9 +309,11 @@ def train(config: Config) -> int:
   memory = memory_report(compiled)
   if changes:
     writer.write({'kind': 'config_change', 'step': step, 'changes': {k: list(v) for k, v in changes.items()}})
-  writer.write({'kind': 'start', 'step': step, 'compile_time_s': compile_s, 'num_params': num_params,
-                'num_devices': jax.device_count(), 'flops_per_token': flops_per_token,
+  start_step = step
+  writer.write({'kind': 'start', 'step': step, 'started': clock.started, 'compile_time_s': compile_s,
+                'num_params': num_params, 'num_devices': jax.device_count(), 'flops_per_token': flops_per_token,
                 'unigram_entropy': data.unigram_entropy, **memory, **auto_record, **sizes})
+  writer.write(clock.record(step, start_step, 'other'))
   log(f'compiled train step in {compile_s:.1f}s; ' + ', '.join(f'{k} {format_bytes(v)}' for k, v in memory.items()))
   all_finite(state.params)  # compile the pre-save check now, not inside the first save
 
@@ -342,6 +349,7 @@ def train(config: Config) -> int:
     pending.clear()
     last_loss = record['loss']
     writer.write(record)
+    writer.write(clock.record(last_step, start_step))  # the wait for the metrics above was step time
     progress.update(last_step, record)
     if progress.bar is None:  # no bar (CI logs, progress=false): one plain line per log step
       moe = ''.join(f', {k} {record[k]:.4g}' for k in sorted(record) if k.startswith('moe_'))  # model.moe
@@ -355,12 +363,14 @@ def train(config: Config) -> int:
 
   def save(at: int) -> None:
     flush()  # any non-finite step since the last log raises here, before saving
+    clock.lap('step')  # the device is done with the steps so far (the flush waited for them)
     if at in saved or not checkpoints.enabled:
       return
     if not bool(all_finite(state.params)):
       raise NonFiniteError(f'params are not finite at step {at}; not checkpointing them.')
     checkpoints.save(at, state, data.train.get_state())
     saved.add(at)
+    clock.lap('checkpoint')
 
   def should_stop() -> bool:
     """SIGTERM seen (by any process: all must stop at the same step to save together)."""
@@ -371,10 +381,21 @@ def train(config: Config) -> int:
     from jax.experimental import multihost_utils
     return bool(multihost_utils.process_allgather(np.int32(bool(stop_signal))).max())
 
+  def run_eval() -> float | None:
+    jax.block_until_ready(state)  # eval waits for the last step anyway: the time until then was step time
+    clock.lap('step')
+    loss = evaluate(eval_step, state.params, data, mesh, rules)
+    clock.lap('eval')
+    return loss
+
+  clock.lap('other')
+  ended = None  # how this segment ends, for the goodput record: done, stopped, nonfinite, diverged, error
   try:
     while step < cfg.train.steps:
       profile.before(step, state)
+      clock.lap('step')
       batch = distributed.make_global_batch(next(data.train), mesh, rules)
+      clock.lap('data')
       state, metrics = compiled(state, batch)  # async: returns before the device is done
       checkpoints.check()  # a failed background save stops the run now, not at the next save
       step += 1
@@ -385,7 +406,7 @@ def train(config: Config) -> int:
         flush()
       if cfg.train.eval_every and step % cfg.train.eval_every == 0:
         paused = throughput.pause()
-        eval_loss, last_eval = evaluate(eval_step, state.params, data, mesh, rules), step
+        eval_loss, last_eval = run_eval(), step
         throughput.resume(paused)
         if eval_loss is not None:
           writer.write({'kind': 'eval', 'step': step, 'eval_loss': eval_loss})
@@ -403,13 +424,14 @@ def train(config: Config) -> int:
     profile.before(max(step, cfg.train.steps), state)  # a trace still open ends here
     save(step)
     checkpoints.wait()
+    clock.lap('checkpoint')
     progress.close()
     if checkpoints.enabled:
       log(f'saved checkpoint {checkpoints.directory}/{step}')
     if stop_signal or step < cfg.train.steps:
       return EXIT_OK
     if cfg.train.eval_every and last_eval != step:
-      eval_loss, last_eval = evaluate(eval_step, state.params, data, mesh, rules), step
+      eval_loss, last_eval = run_eval(), step
       if eval_loss is not None:
         writer.write({'kind': 'eval', 'step': step, 'eval_loss': eval_loss})
     summary = f'done: {step} steps in {time.perf_counter() - started:.0f}s'
@@ -427,7 +449,9 @@ def train(config: Config) -> int:
         print_samples(cfg, model, state.params, tokenizer)
       else:
         log(f'samples skipped: {reason}')
+    ended = 'done'
   except WriteFailed:
+    ended = 'error'
     progress.close()
     if checkpoints.enabled:
       # A full disk is often hit first by a metrics write while a save is filling it: report the save
@@ -435,14 +459,22 @@ def train(config: Config) -> int:
       checkpoints.check(block=True)
     raise
   except (NonFiniteError, DivergenceError) as e:
+    ended = 'diverged' if isinstance(e, DivergenceError) else 'nonfinite'
     progress.close()
     if primary:
       print(f'blox-train: error: {e}', file=sys.stderr, flush=True)
     exit_code = EXIT_NONFINITE
+  except BaseException:
+    ended = 'error'
+    raise
   finally:
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)
     profile.stop()
+    with contextlib.suppress(OSError, WriteFailed) if ended == 'error' else contextlib.nullcontext():  # keep the first error
+      summary = goodput.finish(writer, clock, step, start_step, ended or 'stopped')  # the stop path returned early
+      if summary:
+        log(summary)
     writer.close()
     checkpoints.close()
   return exit_code

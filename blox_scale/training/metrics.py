@@ -216,8 +216,8 @@ def format_bytes(n: float) -> str:
   return f'{n:.1f} TiB'
 
 
-def plot_losses(workdir: str | Path, unigram_entropy: float | None = None) -> Path | None:
-  """Writes `<workdir>/loss.png`: train loss (and eval loss) against step."""
+def plot_losses(workdir: str | Path, unigram_entropy: float | None = None, out: str | Path | None = None) -> Path | None:
+  """Writes `<out or workdir>/loss.png`: train loss (and eval loss) against step."""
   train = read_metrics(workdir, 'train')
   if not train:
     return None
@@ -238,7 +238,7 @@ def plot_losses(workdir: str | Path, unigram_entropy: float | None = None) -> Pa
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  path = Path(workdir) / PLOT_FILE
+  path = Path(out or workdir) / PLOT_FILE
   try:
     with writing(path, 'the loss plot'):
       fig.savefig(path, dpi=100)
