@@ -122,3 +122,21 @@ def test_killed_and_resumed_twice_then_blox_report(tmp_path):
   assert f'lost to restarts {b["lost_s"]:.1f} s in 2 restart(s)' in lines[5]
   assert (workdir / 'loss.png').stat().st_size > 0 and (workdir / 'throughput.png').stat().st_size > 0
   print('MEASURED ' + lines[5])
+
+
+def test_throughput_excludes_a_pause_only_from_the_window_it_falls_in(monkeypatch):
+  from blox_scale.training import metrics
+  now = [0.0]
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: now[0])
+  rate = metrics.Throughput(tokens_per_step=100, flops_per_token=1.0, mfu=lambda tokens_per_sec: 0.0)
+  rate.tick()
+  now[0] = 1.0
+  paused = rate.pause()  # a checkpoint save at a step that is not a log step: its flush reads mid-pause
+  now[0] = 1.5
+  assert rate.read()['step_time_s'] == pytest.approx(1.5)  # the save's flush: 1 step in 1.5 s
+  now[0] = 3.0
+  rate.resume(paused)  # 1.5 s more of saving, in the new window
+  rate.tick()
+  rate.tick()
+  now[0] = 5.0
+  assert rate.read()['step_time_s'] == pytest.approx((5.0 - 1.5 - 1.5) / 2)

@@ -169,7 +169,8 @@ class Throughput:
     return time.perf_counter()
 
   def resume(self, paused_at: float) -> None:
-    self._excluded += time.perf_counter() - paused_at
+    # A read during the pause (a save flushes the metrics) starts a new window: exclude only the part after it.
+    self._excluded += time.perf_counter() - max(paused_at, self._start)
 
   def read(self) -> dict[str, float]:
     """Rates since the last read; resets the window."""
