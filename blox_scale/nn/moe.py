@@ -7,7 +7,9 @@
 Two dispatch paths compute the same `y` (docs/moe.md):
   dropless: the N*k (token, expert) pairs sorted by expert, every expert's rows
             in one grouped matmul (`jax.lax.ragged_dot`), unsorted, weighted.
-            No token is ever dropped; shapes are static (N*k rows).
+            No token is ever dropped; shapes are static (N*k rows). With a sharded
+            batch each device sorts its own rows (`shard_map`), and the expert
+            weights are gathered to them.
   capacity: each sequence gives every expert `C = ceil(capacity_factor * T * k / E)`
             slots; one-hot dispatch/combine einsums move tokens to `[E, batch, C, d]`
             and back (GShard, Switch). Pairs beyond an expert's C slots are dropped
@@ -19,8 +21,8 @@ Params (logical axes):
   wi                   [E, embed, mlp]      ('expert', 'embed', 'mlp')   (gelu)
   wo                   [E, mlp, embed]      ('expert', 'mlp', 'embed')
 The 'expert' axis maps to the mesh's expert axis (parallel/sharding.py): expert
-parallelism. Tokens reach their experts by the sharding constraints below
-(XLA inserts the all-to-all / gathers), not by hand-written collectives.
+parallelism. In the capacity path tokens reach their experts by sharding
+constraints (XLA inserts the all-to-alls), not by hand-written collectives.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import blox as bx
 from blox.layers import cast
 from blox_scale.nn.config import MLPConfig, MoEConfig
 from blox_scale.nn.mlp import ACTIVATIONS, GATED
-from blox_scale.parallel.sharding import constrain
+from jax.sharding import PartitionSpec
+
+from blox_scale.parallel.sharding import constrain, current_mesh_rules, logical_to_spec
 
 DISPATCH = ('dropless', 'capacity')
 ROUTING = ('topk_softmax', 'softmax_topk')
@@ -166,7 +170,28 @@ class MoE(bx.Module):
 
   def _dropless(self, w: dict[str, jax.Array], x: jax.Array, weights: jax.Array, experts: jax.Array,
                 dt: jnp.dtype) -> jax.Array:
+    """`_dropless_rows` on each batch shard (under `shard_map` when the batch is sharded).
+
+    A global sort of a sharded batch makes XLA gather every routed token onto
+    every device; sorting each device's own rows instead keeps tokens where
+    they are and gathers one layer's expert weights (as FSDP does).
+    """
+    ws = {n: cast(w[n], dt) for n in (*self.names, 'wo')}
+    current = current_mesh_rules()
+    rows = None if current is None else logical_to_spec(('batch',), current[1])[0]
+    axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+    shards = math.prod(current[0].shape[a] for a in axes) if axes else 1
+    if shards == 1 or x.shape[0] % shards:  # one shard, or a batch that does not split (the 1-row init)
+      return self._dropless_rows(ws, x, weights, experts)
+    spec = PartitionSpec(rows)
+    run = jax.shard_map(self._dropless_rows, mesh=current[0], in_specs=(PartitionSpec(), spec, spec, spec),
+                        out_specs=spec)
+    return run(ws, x, weights, experts)
+
+  def _dropless_rows(self, ws: dict[str, jax.Array], x: jax.Array, weights: jax.Array,
+                     experts: jax.Array) -> jax.Array:
     """Sort the N*k assignments by expert, one `ragged_dot` per projection, unsort, weight."""
+    dt = x.dtype
     B, T, d = x.shape
     k, E = self.config.top_k, self.config.num_experts
     tokens = x.reshape(B * T, d)
@@ -174,8 +199,8 @@ class MoE(bx.Module):
     order = jnp.argsort(flat, stable=True)                                           # [N*k] by expert
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)                     # [E]
     rows = tokens[order // k]                                                        # [N*k, d], sorted
-    up = {n: jax.lax.ragged_dot(rows, cast(w[n], dt), group_sizes) for n in self.names}   # [N*k, f]
-    out = jax.lax.ragged_dot(self._hidden(up), cast(w['wo'], dt), group_sizes)      # [N*k, d]
+    up = {n: jax.lax.ragged_dot(rows, ws[n], group_sizes) for n in self.names}      # [N*k, f]
+    out = jax.lax.ragged_dot(self._hidden(up), ws['wo'], group_sizes)               # [N*k, d]
     out = out[jnp.argsort(order)].reshape(B, T, k, d)                                # back to token-major
     y = jnp.einsum('btkd,btk->btd', out.astype(jnp.float32), weights)
     return y.astype(dt)
