@@ -15,6 +15,11 @@ compares, per remat policy: full fine-tuning of the preset's model, and LoRA
 (the preset's `finetune.lora`) on a bfloat16 and on an int8 frozen base. The
 model is the preset's `model:` section (the source checkpoint is not read).
 
+With `train.offload=[opt_state,frozen]` (an override) those parts are placed
+in pinned_host memory as blox-train places them and a `host` column gives their
+bytes per device; XLA's CPU memory analysis reports 0 host bytes and counts
+them in the peak (on CPU host and device memory are the same RAM).
+
 Caveat: the numbers come from XLA's CPU compiler. GPU and TPU compilers
 schedule and fuse differently (and the CPU backend may keep some bf16 math in
 f32), so read the temporaries as an estimate within tens of percent; params
@@ -46,6 +51,8 @@ class PlanRow:
   compile_s: float
   error: str = ''
   mode: str = 'train'
+  host: int = 0      # of params + opt_state: the bytes train.offload keeps in pinned_host (exact, from the shardings)
+  xla_host: int = 0  # XLA's own host figures (host_argument/output/temp sizes); 0 on the CPU backend
 
 
 def _ensure_devices(n: int, argv: list[str]) -> None:
@@ -88,11 +95,13 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
   `modes`: `finetune_modes(cfg)` to compare full fine-tuning with LoRA; the
   default is the plain train step of `cfg`.
   """
+  import jax
+
   from blox_scale.models import build_model
   from blox_scale.training.remat_auto import candidate_config
   from blox_scale.parallel import sharding
   from blox_scale.training.optim import make_optimizer
-  from blox_scale.training import finetune
+  from blox_scale.training import finetune, offload
   from blox_scale.training.step import abstract_batch, abstract_train_state, make_train_step, train_state_shardings
 
   rules = sharding.rules_from_config(cfg.mesh)
@@ -119,11 +128,15 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
       model = finetune.build_model(model_cfg, ft)
       abstract = finetune.abstract_train_state(model, optimizer, ft)
     shardings = train_state_shardings(abstract, mesh, rules)
+    if cfg.train.offload:  # these leaves in pinned_host, as blox-train places them
+      shardings = offload.place(shardings, cfg.train.offload)
     state = sharding.with_shardings(abstract, shardings)
+    host_b = sum(sharding.shard_bytes(x, s) for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+                 if s.memory_kind == offload.HOST)
     params_b = sharding.shard_bytes(abstract.params, shardings.params)
     opt_b = sharding.shard_bytes(abstract.opt_state, shardings.opt_state)
     batch_b = sharding.shard_bytes(batch, {name: batch_sh for name in batch})
-    row = PlanRow(remat, params_b, opt_b, batch_b, 0, 0, 0.0, mode=mode)
+    row = PlanRow(remat, params_b, opt_b, batch_b, 0, 0, 0.0, mode=mode, host=host_b)
     try:
       step = make_train_step(model, optimizer, mesh, rules, shardings, batch_sh, grad_accum_steps=k)
       lowered.append((row, step.lower(state, batch)))
@@ -153,7 +166,10 @@ def _compiled_row(row: PlanRow, lowered: Any) -> PlanRow:
     return dataclasses.replace(row, compile_s=time.perf_counter() - start,
                                error=f'{type(e).__name__}: {str(e).splitlines()[0][:160]}')
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-  return dataclasses.replace(row, temp=mem.temp_size_in_bytes, peak=peak, compile_s=time.perf_counter() - start)
+  xla_host = sum(getattr(mem, f'host_{n}_size_in_bytes', 0) for n in ('argument', 'output', 'temp'))
+  xla_host -= getattr(mem, 'host_alias_size_in_bytes', 0)
+  return dataclasses.replace(row, temp=mem.temp_size_in_bytes, peak=peak, compile_s=time.perf_counter() - start,
+                             xla_host=xla_host)
 
 
 def format_rows(rows: list[PlanRow], hbm_gib: float = 0.0) -> str:
@@ -161,12 +177,15 @@ def format_rows(rows: list[PlanRow], hbm_gib: float = 0.0) -> str:
   peak = max([r.peak for r in rows] + [r.params + r.opt_state for r in rows])
   unit, scale = ('GiB', GiB) if peak >= GiB else ('MiB', 1024 ** 2)
   show_mode = any(r.mode != 'train' for r in rows)
-  head = (f'{"mode":<11}' if show_mode else '') + f'{"remat":<14}{"params":>10}{"opt state":>11}{"batch":>9}{"temp":>10}{"peak":>10}{"compile":>9}'
+  show_host = any(r.host for r in rows)
+  head = ((f'{"mode":<11}' if show_mode else '') + f'{"remat":<14}{"params":>10}{"opt state":>11}'
+          + (f'{"host":>9}' if show_host else '') + f'{"batch":>9}{"temp":>10}{"peak":>10}{"compile":>9}')
   if hbm_gib:
     head += f'  fits {hbm_gib:g} GiB'
   lines = [head + f'   ({unit} per device)', '-' * len(head)]
   for r in rows:
-    cells = (f'{r.mode:<11}' if show_mode else '') + f'{r.remat:<14}{r.params / scale:>10.2f}{r.opt_state / scale:>11.2f}{r.batch / scale:>9.3f}'
+    cells = ((f'{r.mode:<11}' if show_mode else '') + f'{r.remat:<14}{r.params / scale:>10.2f}{r.opt_state / scale:>11.2f}'
+             + (f'{r.host / scale:>9.2f}' if show_host else '') + f'{r.batch / scale:>9.3f}')
     if r.error:
       lines.append(f'{cells}  n/a: {r.error}')
       continue
@@ -174,6 +193,15 @@ def format_rows(rows: list[PlanRow], hbm_gib: float = 0.0) -> str:
     if hbm_gib:
       line += '  yes' if r.peak <= hbm_gib * GiB else '  NO'
     lines.append(line)
+  if show_host:
+    if any(r.xla_host for r in rows if not r.error):
+      lines.append("host: of params + opt state, what train.offload keeps in pinned_host memory; XLA's host "
+                   'figures (arguments + outputs - aliases + temporaries): '
+                   + ', '.join(f'{r.xla_host / scale:.2f}' for r in rows if not r.error) + f' {unit}')
+    else:
+      lines.append("host: of params + opt state, what train.offload keeps in pinned_host memory between steps. "
+                   "XLA's memory analysis here reports 0 host bytes and counts them in peak (on CPU host and device "
+                   'memory are the same RAM); the saving needs a GPU or TPU and is not measured here')
   return '\n'.join(lines)
 
 

@@ -49,7 +49,7 @@ from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_co
 from blox_scale.training.disk import WriteFailed, writing
 from blox_scale.training.data import build_data, check_corpus, check_resume_state, check_stream, load_tokens, stream_identity
 from blox_scale.training.integrity import all_finite
-from blox_scale.training import goodput
+from blox_scale.training import goodput, offload
 from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers, raised_in_tensorboardx
 from blox_scale.training.guards import DivergenceError, LossSpikeGuard, config_changes, format_changes
 from blox_scale.training.metrics import MetricsWriter, read_metrics, Progress, Throughput, format_bytes, memory_report, plot_losses
@@ -218,6 +218,9 @@ def train(config: Config) -> int:
     state_shardings = train_state_shardings(abstract, mesh, rules)  # names a param that does not divide
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if cfg.train.offload:  # these leaves live in host memory between steps (init, restore and the step keep them there)
+    offload.check_supported(cfg.train.offload)
+    state_shardings = offload.place(state_shardings, cfg.train.offload)
   batch_shardings = batch_sharding(mesh, rules)
   abstract = with_shardings(abstract, state_shardings)
   num_params = sum(int(np.prod(p.shape)) for p in abstract.params.values() if p.trainable)
@@ -230,6 +233,10 @@ def train(config: Config) -> int:
         f"{sizes['trainable_params'] + sizes['frozen_params']:,} params, optimizer state "
         f"{format_bytes(sizes['opt_state_bytes'])} (full fine-tuning: "
         f"{format_bytes(sizes['full_finetune_opt_state_bytes'])}), frozen base {format_bytes(sizes['frozen_bytes'])}")
+  if cfg.train.offload:
+    sizes['offload_host_bytes'] = offload.host_bytes(abstract)  # all shards, global
+    log(f"offload: {', '.join(cfg.train.offload)} in pinned_host memory between steps "
+        f"({format_bytes(sizes['offload_host_bytes'])})")
   tokens = load_tokens(cfg.data, tokenizer)  # host only; a corpus too small for one window is a config error
   check_corpus(tokens, cfg.data, cfg.model.vocab_size)
   rows = distributed.process_batch_slice(cfg.data.batch_size, mesh, rules)  # this process's rows of each batch
@@ -446,7 +453,7 @@ def train(config: Config) -> int:
     if cfg.train.sample_tokens > 0 and jax.process_count() == 1:
       reason = cannot_decode(model)
       if reason is None:
-        print_samples(cfg, model, state.params, tokenizer)
+        print_samples(cfg, model, offload.on_device(state.params), tokenizer)  # sampling runs in device memory
       else:
         log(f'samples skipped: {reason}')
     ended = 'done'

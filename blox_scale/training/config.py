@@ -85,6 +85,7 @@ class TrainConfig:
   wandb: bool = field(False, 'Also log those scalars to Weights & Biases (needs `pip install wandb`; one W&B run per workdir, continued on resume).')
   wandb_project: str = field('blox', 'W&B project of train.wandb.')
   profile: tuple[int, ...] = field((), 'Capture a jax.profiler trace of steps [start, stop) into <workdir>/profile, e.g. [5,8] (empty = off; primary process).')
+  offload: tuple[str, ...] = field((), "Parts of the train state kept in host memory (pinned_host) between steps and moved to the device inside each step: 'opt_state' and/or 'frozen' (the frozen params of a fine-tuning run), e.g. [opt_state,frozen]; needs a backend with host memory kinds (GPU, TPU).")
 
 
 @dataclasses.dataclass(frozen=True)

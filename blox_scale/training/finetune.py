@@ -33,6 +33,7 @@ from blox_scale import finetune as ft
 from blox_scale.models import DecoderLM, build_model as build_base_model
 from blox_scale.models.config import ModelConfig
 from blox_scale.parallel.sharding import param_shardings, use_mesh_rules
+from blox_scale.training import offload
 from blox_scale.training.config import Config, ConfigError, FinetuneConfig
 from blox_scale.training.step import TrainState
 
@@ -184,7 +185,10 @@ def init_train_state(model: DecoderLM, optimizer: optax.GradientTransformation, 
     with use_mesh_rules(mesh, rules):
       return init(base)
 
-  return jax.jit(sharded_init, out_shardings=shardings, donate_argnums=0)(base)
+  # Made in device memory (where the base is read: donation reuses its buffers), then moved to the
+  # memory kinds of `shardings` (train.offload puts parts of it in pinned_host).
+  state = jax.jit(sharded_init, out_shardings=offload.device_shardings(shardings), donate_argnums=0)(base)
+  return jax.device_put(state, shardings)
 
 
 def merged(config: Config, model: DecoderLM, params: bx.Params) -> tuple[DecoderLM, bx.Params]:

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blox_scale.training.offload import to_device
+
 FINGERPRINT_KEY = 'fingerprints'
 
 
@@ -77,7 +79,7 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def _fingerprints(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [_leaf_fingerprint(x) for x in leaves]
+  return [_leaf_fingerprint(x) for x in to_device(leaves)]  # offloaded (pinned_host) leaves computed on device
 
 
 def fingerprints(named: dict[str, jax.Array]) -> dict[str, str]:
@@ -101,7 +103,7 @@ def mismatches(named: dict[str, jax.Array], expected: dict[str, str]) -> list[st
 @jax.jit
 def all_finite(tree: Any) -> jax.Array:
   """bool[]: every floating leaf of `tree` is finite (checked before a save and after a restore)."""
-  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(to_device(tree)) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import blox as bx
 from blox_scale.parallel import sharding
 from blox_scale.parallel.sharding import Rules, param_shardings, use_mesh_rules
+from blox_scale.training.offload import to_device
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -222,6 +223,9 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
   equals the full-batch loss when the model averages over masked tokens.
   The result is a plain jitted function: `.lower(abstract_state,
   abstract_batch)` compiles it ahead of time (blox-train, blox-plan).
+  Leaves whose sharding has memory kind 'pinned_host' (`offload.place`,
+  `train.offload`) are moved to device memory inside the step and their new
+  values written back to host memory by `out_shardings`.
   """
   if grad_accum_steps < 1:
     raise ValueError(f'grad_accum_steps must be >= 1, got {grad_accum_steps}.')
@@ -232,6 +236,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with use_mesh_rules(mesh, rules):
+      state = to_device(state)  # offloaded leaves (train.offload) come in from host memory
       batch = jax.lax.with_sharding_constraint(batch, batch_shardings)
       trainable, rest = state.params.split()
       if k == 1:
@@ -272,6 +277,7 @@ def make_eval_step(model: Any, mesh: Mesh, rules: Rules, batch_shardings: Any) -
 
   def eval_step(params: bx.Params, batch: Batch) -> Metrics:
     with use_mesh_rules(mesh, rules):
+      params = to_device(params)  # offloaded frozen params come in from host memory
       batch = jax.lax.with_sharding_constraint(batch, batch_shardings)
       loss, (metrics, _) = model.loss(params, batch, is_training=False)
       out = {n: jnp.asarray(v, jnp.float32) for n, v in metrics.items()}

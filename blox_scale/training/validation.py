@@ -343,6 +343,20 @@ def check_finetune(f: Any) -> None:
           'set finetune.init_from to a blox-train workdir or hf:DIR')
 
 
+def check_offload(config: Config) -> None:
+  """`train.offload`: known parts, each once; 'frozen' needs frozen params (LoRA or finetune.freeze)."""
+  from blox_scale.training.offload import PARTS
+  parts = list(config.train.offload)
+  for p in parts:
+    _one_of('train.offload', p, PARTS)
+  if len(set(parts)) != len(parts):
+    _fail('train.offload', parts, 'names a part twice', f'list each of {list(PARTS)} at most once')
+  f = config.finetune
+  if 'frozen' in parts and not (f.lora.rank > 0 or f.freeze):
+    _fail('train.offload', parts, "offloads 'frozen' params, but nothing is frozen (finetune.lora.rank=0 and no finetune.freeze)",
+          "drop 'frozen', or fine-tune with LoRA or finetune.freeze patterns")
+
+
 def check_config(config: Config, files: bool = True) -> None:
   """Every rule that needs neither a device nor a compile. Raises ConfigError.
 
@@ -357,6 +371,7 @@ def check_config(config: Config, files: bool = True) -> None:
   check_mesh(config.mesh)
   check_distributed(config.distributed)
   check_finetune(config.finetune)
+  check_offload(config)
   o, d = config.optimizer, config.data
   if d.batch_size % o.grad_accum_steps:
     _fail('data.batch_size', d.batch_size, f'is not divisible by optimizer.grad_accum_steps={o.grad_accum_steps}',
