@@ -1,10 +1,21 @@
-"""Strict JAX for every test: 8 fake CPU devices, rank promotion raises."""
+"""Strict JAX for every test: 8 fake CPU devices, rank promotion raises.
+
+One persistent compilation cache per test session (JAX's own, through its
+environment variables so that the CLI subprocesses the tests start share it):
+the many tests that run the same tiny model twice (a run and its resumed
+copy, a train and a sample) compile it once. Keyed by the program, the
+devices and the compile options, so a hit runs the same executable.
+"""
 
 import os
+import tempfile
 
 # Must be set before jax initialises its backends.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+_SESSION = os.environ.get('PYTEST_XDIST_TESTRUNUID') or str(os.getpid())  # the same for every xdist worker of a run
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'blox-tests-jax-cache-{_SESSION}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

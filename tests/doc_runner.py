@@ -10,6 +10,11 @@ checkout's root), with the repository first on PYTHONPATH
 (so the page tests this checkout, also through the console scripts).
 A block preceded by `<!-- doc-test: skip REASON -->` is not run (e.g. it
 needs a cluster) but must still parse; the REASON is mandatory.
+A bash block preceded by `<!-- doc-test: shrink KEY=VALUE ... -->` runs with
+those config overrides given to every `blox-train` in it (its own
+`blox-train`, `python -m blox_scale.cli.train`, `launch/local.sh N ...`
+lines): a key the line already sets takes the shrink's value, the others are
+appended. That is how commands that train for minutes run in seconds.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r'(?:<!--[ \t]*doc-test:[ \t]*skip[ \t]+(?P<reason>[^\n]*?)[ \t]*-->[ \t]*\n)?^```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)^```',
-                   re.M | re.S)
+FENCE = re.compile(r'(?:<!--[ \t]*doc-test:[ \t]*(?P<kind>skip|shrink)[ \t]+(?P<reason>[^\n]*?)[ \t]*-->[ \t]*\n)?'
+                   r'^```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)^```', re.M | re.S)
+TRAIN = re.compile(r'(^|\s)(blox-train|-m blox_scale\.cli\.train)(\s|$)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Block:
   body: str
   line: int
   skip: str | None
+  shrink: tuple[str, ...] = ()
 
 
 def blocks(page: Path) -> list[Block]:
@@ -39,7 +47,10 @@ def blocks(page: Path) -> list[Block]:
   out = []
   for m in FENCE.finditer(text):
     line = text.count('\n', 0, m.start('body'))
-    out.append(Block(m.group('lang'), m.group('body'), line, m.group('reason')))
+    if m.group('kind') == 'shrink':
+      out.append(Block(m.group('lang'), m.group('body'), line, None, tuple(shlex.split(m.group('reason')))))
+    else:
+      out.append(Block(m.group('lang'), m.group('body'), line, m.group('reason')))
   return out
 
 
@@ -51,8 +62,9 @@ def run_page(page: Path, workdir: Path, *, timeout: float = 600) -> list[Block]:
   """Runs every block of `page` in `workdir`; returns the blocks it ran. Raises DocBlockError."""
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep)}
   env.pop('XLA_FLAGS', None)  # as a reader's shell: one CPU device unless the page says otherwise
-  if not (workdir / 'configs').exists():  # pages run from a checkout's root: presets at configs/
-    (workdir / 'configs').symlink_to(REPO / 'configs')
+  for name in ('configs', 'launch', 'docs'):  # pages run from a checkout's root: presets at configs/, ...
+    if not (workdir / name).exists():
+      (workdir / name).symlink_to(REPO / name)
   ran: list[Block] = []
   python: list[tuple[Block, str]] = []
 
@@ -74,10 +86,25 @@ def run_page(page: Path, workdir: Path, *, timeout: float = 600) -> list[Block]:
       python.append((block, f'# {page.name}:{block.line}\n{block.body}'))
     else:
       flush()
-      _run(['bash', '-euo', 'pipefail', '-c', block.body], page, block, workdir, env, timeout)
+      _run(['bash', '-euo', 'pipefail', '-c', shrunk(block.body, block.shrink)], page, block, workdir, env, timeout)
     ran.append(block)
   flush()
   return ran
+
+
+def shrunk(body: str, overrides: tuple[str, ...]) -> str:
+  """`body` with `overrides` (KEY=VALUE) given to every blox-train command line in it."""
+  if not overrides:
+    return body
+  lines = []
+  for line in body.split('\n'):
+    command, hash_, comment = line.partition(' #')
+    if TRAIN.search(command):
+      unused = {o.split('=', 1)[0]: o for o in overrides}
+      words = [unused.pop(w.split('=', 1)[0], w) if '=' in w else w for w in shlex.split(command)]
+      line = shlex.join(words + list(unused.values())) + (hash_ + comment if hash_ else '')
+    lines.append(line)
+  return '\n'.join(lines)
 
 
 def check_syntax(page: Path, block: Block) -> None:
