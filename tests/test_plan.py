@@ -89,3 +89,14 @@ def test_plan_compiler_options_leave_the_memory_analysis_unchanged():
   assert fields(lowered.compile(compiler_options=bplan.PLAN_COMPILER_OPTIONS).memory_analysis()) == default
   [row] = bplan.plan(cfg, mesh, remats=[cfg.model.remat])
   assert row.temp == default[3] and row.peak == default[0] + default[1] - default[2] + default[3]
+
+
+def test_a_finetuning_preset_is_planned_as_configured_unless_compared():
+  cfg = load_config(ROOT / 'configs' / 'tiny_lora.yaml', SMALL[:3] + ['model.mlp_dim=64', 'model.max_seq_len=32', 'data.seq_len=32',
+                                                                        'data.batch_size=8', 'finetune.quant=int8'])
+  assert bplan.finetune_modes(cfg) == [('lora int8', bplan.dataclasses.replace(cfg.finetune, base_dtype='float32'))]
+  assert [label for label, _ in bplan.finetune_modes(cfg, compare=True)] == ['full', 'lora bf16', 'lora int8']
+  rows = bplan.plan(cfg, sharding.make_mesh(cfg.mesh), remats=['full'], modes=bplan.finetune_modes(cfg))
+  assert [(r.mode, r.remat) for r in rows] == [('lora int8', 'full')] and not rows[0].error
+  full = load_config(ROOT / 'configs' / 'tiny_lora.yaml', ['finetune.lora.rank=0'])
+  assert bplan.finetune_modes(full) == [('full', None)]
