@@ -44,7 +44,7 @@ import blox as bx
 from blox_scale.parallel import distributed
 from blox_scale import flops
 from blox_scale.cli.common import ArgumentParser, run_cli
-from blox_scale.training.checkpoint import Checkpointer
+from blox_scale.training.checkpoint import CHECKPOINT_DIR, Checkpointer
 from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_config, merge_into, read_config, save_config, to_dict
 from blox_scale.training.disk import WriteFailed, writing
 from blox_scale.training.data import build_data, check_corpus, check_resume_state, check_stream, load_tokens, stream_identity
@@ -166,7 +166,9 @@ def check_resume(workdir: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
   changes = config_changes(old, cfg)
   if not changes:
     return changes
-  check_stream(stream_identity(old.data), stream_identity(cfg.data), str(workdir))  # the global batches stay
+  # The global batches stay, once some were trained on (a converted checkpoint, step 0, has consumed none).
+  if any(p.name.isdigit() and int(p.name) > 0 for p in (workdir / CHECKPOINT_DIR).glob('*')):
+    check_stream(stream_identity(old.data), stream_identity(cfg.data), str(workdir))
   shapes = lambda c: (lambda t: (jax.tree.structure(t), [(x.shape, str(x.dtype)) for x in jax.tree.leaves(t)]))(
       _abstract_state(c))
   before = shapes(old)
