@@ -91,12 +91,13 @@ def test_plan_compiler_options_leave_the_memory_analysis_unchanged():
   assert row.temp == default[3] and row.peak == default[0] + default[1] - default[2] + default[3]
 
 
-def test_a_finetuning_preset_is_planned_as_configured_unless_compared():
-  cfg = load_config(ROOT / 'configs' / 'tiny_lora.yaml', SMALL[:3] + ['model.mlp_dim=64', 'model.max_seq_len=32', 'data.seq_len=32',
-                                                                        'data.batch_size=8', 'finetune.quant=int8'])
-  assert bplan.finetune_modes(cfg) == [('lora int8', bplan.dataclasses.replace(cfg.finetune, base_dtype='float32'))]
-  assert [label for label, _ in bplan.finetune_modes(cfg, compare=True)] == ['full', 'lora bf16', 'lora int8']
-  rows = bplan.plan(cfg, sharding.make_mesh(cfg.mesh), remats=['full'], modes=bplan.finetune_modes(cfg))
-  assert [(r.mode, r.remat) for r in rows] == [('lora int8', 'full')] and not rows[0].error
-  full = load_config(ROOT / 'configs' / 'tiny_lora.yaml', ['finetune.lora.rank=0'])
-  assert bplan.finetune_modes(full) == [('full', None)]
+def test_plan_defaults_follow_the_preset():
+  # A preset's own data.seq_len is what it trains at; without one, its model.max_seq_len.
+  check = lambda *argv: bplan._check(bplan._parser().parse_args(list(argv)))
+  cfg, remats = check('--config', str(ROOT / 'configs' / 'llama_7b_lora.yaml'), '--devices', '8')
+  assert cfg.data.seq_len == 2048 and remats == [cfg.model.remat] == ['full']  # 3 modes at the preset's policy
+  assert [label for label, _ in bplan.finetune_modes(cfg)] == ['full', 'lora bf16', 'lora int8']
+  cfg, remats = check('--config', str(ROOT / 'configs' / 'llama_7b_lora.yaml'), '--devices', '8', '--remat', 'all')
+  assert len(remats) == 6
+  cfg, remats = check('--config', str(ROOT / 'configs' / 'llama_7b.yaml'), '--devices', '8')
+  assert cfg.data.seq_len == 4096 and len(remats) == 6

@@ -11,11 +11,9 @@ workspace) and the peak (arguments + outputs - donated aliases + temporaries)
 from `compiled.memory_analysis()`.
 
 For a fine-tuning preset (`finetune.init_from` or `finetune.lora.rank > 0`) it
-plans the run as configured (LoRA adapters, the frozen base in its
-`finetune.base_dtype` / `finetune.quant`); with `--compare-finetune`, per
-remat policy: full fine-tuning of the preset's model, and LoRA (the preset's
-`finetune.lora`) on a bfloat16 and on an int8 frozen base. The model is the
-preset's `model:` section (the source checkpoint is not read).
+compares, per remat policy: full fine-tuning of the preset's model, and LoRA
+(the preset's `finetune.lora`) on a bfloat16 and on an int8 frozen base. The
+model is the preset's `model:` section (the source checkpoint is not read).
 
 With `train.offload=[opt_state,frozen]` (an override) those parts are placed
 in pinned_host memory as blox-train places them and a `host` column gives their
@@ -74,17 +72,9 @@ def _ensure_devices(n: int, argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, '-m', 'blox_scale.cli.plan', *argv])
 
 
-def finetune_modes(cfg: Any, compare: bool = False) -> list[tuple[str, Any]]:
-  """`[(label, FinetuneConfig or None)]`: the run as configured, or (`compare`) full fine-tuning
-  against LoRA on a bf16 and an int8 base (three compiles per remat policy)."""
+def finetune_modes(cfg: Any) -> list[tuple[str, Any]]:
+  """`[(label, FinetuneConfig or None)]` to compare: full fine-tuning, LoRA on a bf16 and an int8 base."""
   f = cfg.finetune
-  if not compare:
-    if f.lora.rank == 0:
-      return [('full', None)]
-    base_dtype = f.base_dtype or cfg.model.param_dtype  # '' = the source's: the preset's model section here
-    short = {'float32': 'f32', 'bfloat16': 'bf16', 'float16': 'f16'}.get(base_dtype, base_dtype)
-    label = f'lora {"int8" if f.quant == "int8" else short}'
-    return [(label, dataclasses.replace(f, init_from=f.init_from or 'plan', base_dtype=base_dtype))]
   lora = f.lora if f.lora.rank > 0 else dataclasses.replace(f.lora, rank=16)
   base = dataclasses.replace(f, init_from=f.init_from or 'plan', lora=lora, freeze=(), base_dtype='bfloat16')
   return [('full', None), ('lora bf16', dataclasses.replace(base, quant='none')),
@@ -226,14 +216,12 @@ def _parser() -> Any:
   ap.add_argument('--config', required=True, help='preset YAML, e.g. configs/llama_7b.yaml')
   ap.add_argument('--devices', type=int, required=True, help=f'number of (fake CPU) devices to plan for (1..{MAX_DEVICES})')
   ap.add_argument('--mesh', default='', help='data=..,fsdp=..,tensor=.. (default: the config\'s mesh)')
-  ap.add_argument('--remat', default='all', help="comma-separated policies, 'all', or 'auto' (the candidates of "
-                  "model.remat=auto and the one it would choose for --hbm)")
+  ap.add_argument('--remat', default='', help="comma-separated policies, 'all', or 'auto' (the candidates of "
+                  "model.remat=auto and the one it would choose for --hbm); default: all, or for a fine-tuning "
+                  "config (three modes compared per policy) the config's model.remat")
   ap.add_argument('--batch-size', type=int, default=0, help='global batch (default: data.batch_size)')
   ap.add_argument('--seq-len', type=int, default=0, help='sequence length (default: data.seq_len)')
   ap.add_argument('--hbm', type=float, default=0.0, help='device memory in GiB, to print whether each policy fits')
-  ap.add_argument('--compare-finetune', action='store_true',
-                  help='for a fine-tuning config: plan full fine-tuning, LoRA on a bf16 base and on an int8 base side '
-                  'by side (three compiles per policy) instead of the run as configured')
   ap.add_argument('--debug', action='store_true', help='Print the traceback of an error (also BLOX_DEBUG=1).')
   ap.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
   return ap
@@ -256,7 +244,7 @@ def _check(args: Any) -> tuple[Any, list[str]]:
   if args.remat == 'auto':  # the candidates blox-train compiles for model.remat=auto, least recomputation first
     remats = list(CANDIDATES)
   else:
-    remats = list(POLICIES) if args.remat == 'all' else [r.strip() for r in args.remat.split(',') if r.strip()]
+    remats = list(POLICIES) if args.remat in ('all', '') else [r.strip() for r in args.remat.split(',') if r.strip()]
   unknown = [r for r in remats if r not in valid_names() and r not in CANDIDATES]
   if unknown or not remats:
     raise UsageError(f'--remat={args.remat}: unknown polic{"ies" if len(unknown) > 1 else "y"} {", ".join(unknown)}; '
@@ -276,6 +264,9 @@ def _check(args: Any) -> tuple[Any, list[str]]:
   cfg = load_config(args.config, overrides, files=False)  # seq_len vs max_seq_len, heads, ...
   cfg, assumed = _planned_shape(cfg, args)
   check_devices(cfg, args.devices)  # the mesh fits the devices, the batch splits
+  if not args.remat and (cfg.finetune.init_from or cfg.finetune.lora.rank > 0) and cfg.model.remat != 'auto':
+    remats = [cfg.model.remat]  # full vs LoRA bf16 vs LoRA int8 at every policy would be 18 compiles
+    assumed.append(f'remat {cfg.model.remat} (the config\'s model.remat; --remat all for every policy)')
   for line in assumed:
     print(f'assumed: {line}', flush=True)
   if args.remat == 'auto' and not (args.hbm or cfg.model.remat_budget_gib):
@@ -299,7 +290,8 @@ def _planned_shape(cfg: Any, args: Any) -> tuple[Any, list[str]]:
 
   assumed = []
   data = cfg.data
-  if not args.seq_len and data.seq_len != cfg.model.max_seq_len:
+  default_seq_len = type(data)().seq_len  # a preset that sets data.seq_len trains (and is planned) at it
+  if not args.seq_len and data.seq_len == default_seq_len and data.seq_len != cfg.model.max_seq_len:
     assumed.append(f'seq_len {cfg.model.max_seq_len} (the preset\'s model.max_seq_len, not data.seq_len={data.seq_len}; '
                    '--seq-len to change)')
     data = dataclasses.replace(data, seq_len=cfg.model.max_seq_len)
@@ -330,14 +322,10 @@ def _main(argv: list[str]) -> int:
         f'batch {cfg.data.batch_size} x {cfg.data.seq_len}; '
         f'mesh {dict(mesh.shape)} on {jax.device_count()} devices', flush=True)
   auto = args.remat == 'auto'
-  finetuning = (cfg.finetune.init_from or cfg.finetune.lora.rank > 0) and not auto
-  modes = finetune_modes(cfg, compare=args.compare_finetune) if finetuning else None
-  if modes and args.compare_finetune:
+  modes = finetune_modes(cfg) if (cfg.finetune.init_from or cfg.finetune.lora.rank > 0) and not auto else None
+  if modes:
     print(f'fine-tuning: full (params {m.param_dtype}) vs LoRA rank {modes[1][1].lora.rank} on '
           f'{", ".join(modes[1][1].lora.targets)} with a bfloat16 / int8 frozen base', flush=True)
-  elif modes and modes[0][1] is not None:
-    print(f'fine-tuning as configured: LoRA rank {modes[0][1].lora.rank} on {", ".join(modes[0][1].lora.targets)}, '
-          f'frozen base {modes[0][1].base_dtype}{" int8" if modes[0][1].quant == "int8" else ""} (--compare-finetune: full fine-tuning vs LoRA side by side)', flush=True)
   try:
     rows = plan(cfg, mesh, remats=remats, modes=modes, **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
   except ValueError as e:  # a param that does not divide over the mesh: the message names it
