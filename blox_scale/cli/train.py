@@ -89,6 +89,19 @@ class _OrbaxErrorsReported(logging.Filter):
     return record.levelno < logging.ERROR or '/orbax/' not in record.pathname or bool(os.environ.get('BLOX_DEBUG'))
 
 
+class _UnretrievedSaveErrors(logging.Filter):
+  """Drops asyncio's '... exception was never retrieved' for a checkpoint write that failed (an orbax
+  tmp directory on a full disk): orbax's other write futures of the failed save end that way after the
+  trainer has reported the failure in one line. Anything else asyncio logs is kept; BLOX_DEBUG=1 keeps all."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    first = record.getMessage().split('\n', 1)[0]  # 'Future/_GatheringFuture/Task exception was never retrieved'
+    if os.environ.get('BLOX_DEBUG') or not first.endswith('exception was never retrieved'):
+      return True
+    value = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(value, (ValueError, OSError)) and '.orbax-checkpoint-tmp' in str(value))
+
+
 def _drop_reported_write_errors() -> None:
   """Holds back the tracebacks that follow a failed write the run has already reported in one line.
 
@@ -247,6 +260,7 @@ def train(config: Config) -> int:
 
   # -- 5. state: restore or init (the first writes to the workdir) ------------------------------------
   logging.getLogger('absl').addFilter(_OrbaxErrorsReported())
+  logging.getLogger('asyncio').addFilter(_UnretrievedSaveErrors())
   _drop_reported_write_errors()
   checkpoints = Checkpointer(workdir, cfg.checkpoint)
   # The newest checkpoint that verifies (fingerprints, finite params); bad ones are reported and set aside.
