@@ -20,6 +20,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+
+STARTED = time.monotonic()  # when this process began importing blox_scale (blox-plan's --time-limit counts from here)
 
 TOOLS = ('train', 'sample', 'plan', 'convert', 'tokenize')
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -16,6 +16,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _SESSION = os.environ.get('PYTEST_XDIST_TESTRUNUID') or str(os.getpid())  # the same for every xdist worker of a run
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'blox-tests-jax-cache-{_SESSION}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
+# blox-plan stops at 30 s by default; the doc pages' plans (64 devices) take about that beside
+# the other tests on 2 cores. The limit itself is tested in tests/test_plan.py.
+os.environ.setdefault('BLOX_PLAN_TIME_LIMIT', '300')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -148,6 +148,7 @@ CASES = [
     ('plan_batch_negative', 'blox-plan', ['--config', 'configs/tiny.yaml', '--devices', '8', '--batch-size', '-1'], '--batch-size'),
     ('plan_batch_vs_shards', 'blox-plan', ['--config', 'configs/tiny.yaml', '--devices', '8', '--batch-size', '3'], 'data.batch_size'),
     ('plan_hbm', 'blox-plan', ['--config', 'configs/tiny.yaml', '--devices', '8', '--hbm', '-1'], '--hbm'),
+    ('plan_time_limit', 'blox-plan', ['--config', 'configs/tiny.yaml', '--devices', '8', '--time-limit', '-5'], '--time-limit'),
     ('plan_remat', 'blox-plan', ['--config', 'configs/tiny.yaml', '--devices', '8', '--remat', 'full,foo'], '--remat'),
     ('plan_mesh_syntax', 'blox-plan', ['--config', 'configs/tiny.yaml', '--devices', '8', '--mesh', 'data=x'], '--mesh'),
     ('plan_mesh_axis', 'blox-plan', ['--config', 'configs/tiny.yaml', '--devices', '8', '--mesh', 'pipe=2'], '--mesh'),

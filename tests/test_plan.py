@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from blox_scale.cli import plan as bplan
 from blox_scale.parallel import sharding
+from blox_scale.stacking.remat import POLICIES
 from blox_scale.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +103,34 @@ def test_plan_defaults_follow_the_preset():
   assert len(remats) == 6
   cfg, remats = check('--config', str(ROOT / 'configs' / 'llama_7b.yaml'), '--devices', '8')
   assert cfg.data.seq_len == 4096 and len(remats) == 6
+
+
+def test_plan_past_its_deadline_keeps_the_exact_sizes_and_compiles_nothing():
+  cfg = load_config(None, SMALL + ['mesh.data=1', 'mesh.fsdp=8', 'mesh.tensor=1'])
+  mesh = sharding.make_mesh(cfg.mesh)
+  [on_time] = bplan.plan(cfg, mesh, remats=['full'])
+  late = bplan.plan(cfg, mesh, remats=['none', 'full'], deadline=time.monotonic())
+  assert [(r.remat, r.error) for r in late] == [('none', bplan.LATE), ('full', bplan.LATE)]
+  for r in late:
+    assert (r.params, r.opt_state, r.batch, r.peak) == (on_time.params, on_time.opt_state, on_time.batch, 0)
+  assert 'n/a: not compiled within the time limit' in bplan.format_rows(late)
+
+
+@pytest.mark.slow
+def test_cli_answers_within_its_time_limit():
+  # Six 7B compiles (about 4 s of CPU each) cannot fit in 8 s: blox-plan prints what it compiled,
+  # marks the rest, says which flag to change and exits 1 at the limit, not after the compiles.
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
+  limit = 8
+  start = time.monotonic()
+  out = subprocess.run(
+      [sys.executable, '-m', 'blox_scale.cli.plan', '--config', 'configs/llama_7b.yaml', '--devices', '8',
+       '--time-limit', str(limit)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  wall = time.monotonic() - start
+  assert out.returncode == 1, (out.stdout, out.stderr[-3000:])
+  assert wall < limit + 3, wall  # (+ Python's own start-up before blox-plan's clock starts, on a loaded machine)
+  [line] = out.stderr.strip().splitlines()
+  assert line.startswith(f'blox-plan: error: --time-limit={limit}: ') and 'not compiled within' in line, line
+  assert '--remat full' in line and '--time-limit ' in line, line
+  rows = [l for l in out.stdout.splitlines() if l.split()[:1] and l.split()[0] in POLICIES]
+  assert len(rows) == 6 and any('n/a: not compiled within the time limit' in l for l in rows), out.stdout

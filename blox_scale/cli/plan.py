@@ -20,6 +20,10 @@ in pinned_host memory as blox-train places them and a `host` column gives their
 bytes per device; XLA's CPU memory analysis reports 0 host bytes and counts
 them in the peak (on CPU host and device memory are the same RAM).
 
+It answers within --time-limit seconds of its start (default 30): the rows not
+compiled by then are printed as n/a, with their exact params / optimizer state
+/ batch bytes, and it exits 1 with the flag to change.
+
 Caveat: the numbers come from XLA's CPU compiler. GPU and TPU compilers
 schedule and fuse differently (and the CPU backend may keep some bf16 math in
 f32), so read the temporaries as an estimate within tens of percent; params
@@ -33,8 +37,11 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
+import threading
 import time
 from typing import Any
+
+from blox_scale import _startup
 
 GiB = 1024 ** 3
 
@@ -83,7 +90,7 @@ def finetune_modes(cfg: Any) -> list[tuple[str, Any]]:
 
 def plan(cfg: Any, mesh: Any, *, remats: list[str],
          remat_names: tuple[str, ...] = ('attn_out', 'mlp_out'),
-         modes: list[tuple[str, Any]] | None = None) -> list[PlanRow]:
+         modes: list[tuple[str, Any]] | None = None, deadline: float | None = None) -> list[PlanRow]:
   """Compiles the train step of `cfg` on `mesh` once per remat policy (and per mode).
 
   The batch is `cfg.data`'s (`batch_size` x `seq_len`, `cfg.optimizer.grad_accum_steps`
@@ -94,6 +101,9 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
   host offload on a backend without host memory, gets `error` set).
   `modes`: `finetune_modes(cfg)` to compare full fine-tuning with LoRA; the
   default is the plain train step of `cfg`.
+  `deadline` (a `time.monotonic()` value): a row whose compile has not finished
+  by then gets `error=LATE` (its params/opt state/batch bytes are still exact);
+  its compile is not waited for.
   """
   import jax
 
@@ -113,12 +123,19 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
                      f'grad_accum_steps ({k}); change the batch size or the mesh.')
   batch_sh = sharding.batch_sharding(mesh, rules)
   batch = abstract_batch(b, t, batch_sh, packing=cfg.data.packing)
-  lowered: list[tuple[PlanRow, Any]] = []  # (the row's exact sizes, the lowered step or the error)
-  for (mode, ft), remat in ((m, r) for m in (modes or [('train', None)]) for r in remats):
-    names = cfg.model.remat_names or remat_names
+
+  sized: dict[str, PlanRow] = {}  # mode -> a row with its sizes
+  lowering_s = [0.0]  # how long each lowering took
+
+  def lowered_row(mode: str, ft: Any, remat: str) -> tuple[PlanRow, Any]:
+    """(the row with its exact sizes, the lowered step, its error, or None past the deadline)."""
+    late = deadline is not None and time.monotonic() + lowering_s[-1] >= deadline  # (no start it cannot finish)
+    if late and mode in sized:  # the sizes depend on the mode only: no need to build the model again
+      return dataclasses.replace(sized[mode], remat=remat, error=LATE), None
     if remat == 'nested':  # a remat=auto candidate: full remat in a nested sqrt(L) scan
       model_cfg = candidate_config(cfg.model, remat)
     else:
+      names = cfg.model.remat_names or remat_names
       model_cfg = dataclasses.replace(cfg.model, remat=remat, remat_names=tuple(names), remat_nested=False)
     if ft is None:
       model = build_model(model_cfg)
@@ -130,21 +147,48 @@ def plan(cfg: Any, mesh: Any, *, remats: list[str],
     shardings = train_state_shardings(abstract, mesh, rules)
     if cfg.train.offload:  # these leaves in pinned_host, as blox-train places them
       shardings = offload.place(shardings, cfg.train.offload)
-    state = sharding.with_shardings(abstract, shardings)
     host_b = sum(sharding.shard_bytes(x, s) for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
                  if s.memory_kind == offload.HOST)
-    params_b = sharding.shard_bytes(abstract.params, shardings.params)
-    opt_b = sharding.shard_bytes(abstract.opt_state, shardings.opt_state)
-    batch_b = sharding.shard_bytes(batch, {name: batch_sh for name in batch})
-    row = PlanRow(remat, params_b, opt_b, batch_b, 0, 0, 0.0, mode=mode, host=host_b)
+    row = PlanRow(remat, sharding.shard_bytes(abstract.params, shardings.params),
+                  sharding.shard_bytes(abstract.opt_state, shardings.opt_state),
+                  sharding.shard_bytes(batch, {name: batch_sh for name in batch}), 0, 0, 0.0, mode=mode, host=host_b)
+    sized.setdefault(mode, row)
+    if late:
+      return dataclasses.replace(row, error=LATE), None
+    start = time.monotonic()
     try:
       step = make_train_step(model, optimizer, mesh, rules, shardings, batch_sh, grad_accum_steps=k)
-      lowered.append((row, step.lower(state, batch)))
+      return row, step.lower(sharding.with_shardings(abstract, shardings), batch)
     except Exception as e:  # noqa: BLE001  (report the policy as unavailable, keep going)
-      lowered.append((row, e))
-  # Tracing is Python (one at a time); XLA compiles release the GIL, so they run side by side.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
-    return list(pool.map(lambda item: _compiled_row(*item), lowered))
+      return row, e
+    finally:
+      lowering_s.append(time.monotonic() - start)
+
+  jobs = [(mode, ft, remat) for mode, ft in (modes or [('train', None)]) for remat in remats]
+  # Tracing is Python, one step at a time here; each lowered step compiles in a worker thread
+  # while the next is traced (XLA releases the GIL), one compile per core.
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1)))
+  try:
+    futures = []
+    for job in jobs:
+      row, lowered = lowered_row(*job)
+      futures.append((row, None if lowered is None else pool.submit(_compiled_row, row, lowered)))
+    return [_finished_row(row, future, deadline) for row, future in futures]
+  finally:  # a compile still running at the deadline is not waited for (the CLI exits without it)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+LATE = 'not compiled within the time limit'
+
+
+def _finished_row(row: PlanRow, future: Any, deadline: float | None) -> PlanRow:
+  """The compiled row, or `row` marked LATE if its compile is not done by `deadline`."""
+  if future is None:
+    return row
+  try:
+    return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+  except concurrent.futures.TimeoutError:
+    return dataclasses.replace(row, error=LATE)
 
 
 # The plan reads XLA's memory analysis and never runs the program. That analysis is the buffer
@@ -205,6 +249,14 @@ def format_rows(rows: list[PlanRow], hbm_gib: float = 0.0) -> str:
   return '\n'.join(lines)
 
 
+# A plan answers in about the time of its slowest compile (two at a time on a 2-core machine:
+# Llama 2 7B's six policies on 8 devices take 16 s); one that asks for more (every policy of a
+# fine-tuning preset is 18 compiles, about a minute) prints what it compiled in time and says so.
+DEFAULT_TIME_LIMIT = 30.0
+TIME_LIMIT_ENV = 'BLOX_PLAN_TIME_LIMIT'
+EXIT_S = 0.5  # of the limit, kept for printing the table and exiting (Python's own start-up is before the clock)
+
+
 # Fake CPU devices cost XLA about a second per thousand to create (4096: ~7 s) and compiles grow
 # with them; plans beyond this are refused at once rather than left to run for minutes.
 MAX_DEVICES = 1024
@@ -222,6 +274,9 @@ def _parser() -> Any:
   ap.add_argument('--batch-size', type=int, default=0, help='global batch (default: data.batch_size)')
   ap.add_argument('--seq-len', type=int, default=0, help='sequence length (default: data.seq_len)')
   ap.add_argument('--hbm', type=float, default=0.0, help='device memory in GiB, to print whether each policy fits')
+  ap.add_argument('--time-limit', type=float, default=float(os.environ.get(TIME_LIMIT_ENV, DEFAULT_TIME_LIMIT)),
+                  help=f'seconds from the start: rows still compiling then are shown as n/a and blox-plan '
+                  f'exits 1 (default {DEFAULT_TIME_LIMIT:g}, or ${TIME_LIMIT_ENV}; 0: no limit)')
   ap.add_argument('--debug', action='store_true', help='Print the traceback of an error (also BLOX_DEBUG=1).')
   ap.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
   return ap
@@ -238,7 +293,8 @@ def _check(args: Any) -> tuple[Any, list[str]]:
   if not 1 <= args.devices <= MAX_DEVICES:
     raise UsageError(f'--devices={args.devices}: must be in [1, {MAX_DEVICES}] (fake CPU devices on this machine); '
                      'plan a larger pod by its per-device shard: the same mesh axes at a smaller data size')
-  for flag, value in (('--batch-size', args.batch_size), ('--seq-len', args.seq_len), ('--hbm', args.hbm)):
+  for flag, value in (('--batch-size', args.batch_size), ('--seq-len', args.seq_len), ('--hbm', args.hbm),
+                      ('--time-limit', args.time_limit)):
     if not value >= 0:
       raise UsageError(f'{flag}={value}: must be >= 0; use 0 for the default')
   if args.remat == 'auto':  # the candidates blox-train compiles for model.remat=auto, least recomputation first
@@ -326,12 +382,22 @@ def _main(argv: list[str]) -> int:
   if modes:
     print(f'fine-tuning: full (params {m.param_dtype}) vs LoRA rank {modes[1][1].lora.rank} on '
           f'{", ".join(modes[1][1].lora.targets)} with a bfloat16 / int8 frozen base', flush=True)
+  deadline = _startup.STARTED + args.time_limit - EXIT_S if args.time_limit else None
   try:
-    rows = plan(cfg, mesh, remats=remats, modes=modes, **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
+    rows = plan(cfg, mesh, remats=remats, modes=modes, deadline=deadline,
+                **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
   except ValueError as e:  # a param that does not divide over the mesh: the message names it
     raise ConfigError(str(e)) from e
   budget_gib = (args.hbm or cfg.model.remat_budget_gib) if auto else args.hbm
-  print(format_rows(rows, budget_gib))
+  print(format_rows(rows, budget_gib), flush=True)
+  late = [r for r in rows if r.error == LATE]
+  if late:
+    done = [r for r in rows if r.error != LATE]
+    one = cfg.model.remat if cfg.model.remat in remats else remats[0]
+    fewer = f'plan fewer policies (--remat {one}) or ' if len(remats) > 1 else ''
+    raise PlanTimeout(f'--time-limit={args.time_limit:g}: {len(late)} of {len(rows)} train steps were not compiled '
+                      f'within {args.time_limit:g} s (the rows marked n/a; {len(done)} done); {fewer}allow more time '
+                      f'(--time-limit {_more_time(args.time_limit, len(rows), len(done))})')
   if auto:
     measured = [remat_auto.Measured(r.remat, r.peak, r.temp, error=r.error) for r in rows]
     try:
@@ -343,10 +409,26 @@ def _main(argv: list[str]) -> int:
   return 0
 
 
+class PlanTimeout(RuntimeError):
+  """Some train steps were not compiled within --time-limit (exit status 1)."""
+
+
+def _more_time(limit: float, total: int, done: int) -> str:
+  """A --time-limit that would likely fit `total` compiles, from the pace of the `done` ones (0: none)."""
+  if not done:
+    return '0 for none'
+  return f'{30 * -(-limit * total / done // 30):g}'
+
+
 def main(argv: list[str] | None = None) -> int:
   """`blox-plan --config FILE --devices N [...]`; returns the exit status."""
   from blox_scale.cli.common import run_cli
-  return run_cli('blox-plan', _main, argv)
+  code = run_cli('blox-plan', _main, argv)
+  if argv is None and code == 1 and threading.active_count() > 1:  # a compile past --time-limit: exit without waiting for it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
 
 
 if __name__ == '__main__':
