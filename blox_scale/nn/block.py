@@ -33,7 +33,35 @@ def make_norm(graph: bx.Graph, kind: str, eps: float, param_dtype: DType, dtype:
   raise ValueError(f"norm={kind!r} is not one of {NORMS} (at {bx.path_to_str(graph.path)}).")
 
 
-class TransformerBlock(bx.Module):
+class PreNormBlock(bx.Module):
+  """What the pre-norm blocks share (`TransformerBlock`, `MoEBlock`): children `norm_1`, `attn`
+  and `dropout` (None without dropout), and the attention half of the call."""
+
+  dropout: bx.Module | None
+
+  def _drop(self, params: bx.Params, x: jax.Array, is_training: bool) -> tuple[jax.Array, bx.Params]:
+    if self.dropout is None:
+      return x, params
+    return self.dropout(params, x, is_training=is_training)
+
+  def _attend(self, params: bx.Params, x: jax.Array, cache: Cache | None, positions: jax.Array | None,
+              mask: jax.Array | None, cache_index: jax.Array | int,
+              is_training: bool) -> tuple[jax.Array, Any, bx.Params]:
+    """`(x + dropout(attn(norm_1(x))), new_kv or None, params)`, in `x`'s dtype (the scan carry)."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape[:2])
+    x = constrain(x, ('batch', 'seq', 'embed'))
+    h, params = self.norm_1(params, x)
+    if cache is None:
+      a, params = self.attn(params, h, positions, mask=mask)
+      new_kv = None
+    else:
+      (a, new_kv), params = self.attn(params, h, positions, cache, mask=mask, cache_index=cache_index)
+    a, params = self._drop(params, a, is_training)
+    return (x + a).astype(x.dtype), new_kv, params
+
+
+class TransformerBlock(PreNormBlock):
   """Attention + MLP with pre-norm residuals.
 
   Call forms (the two a `bs.Stack` uses):
@@ -60,11 +88,6 @@ class TransformerBlock(bx.Module):
         raise ValueError(f"TransformerBlock {bx.path_to_str(graph.path)}: dropout_rate={c.dropout_rate} needs rng=bx.Rng.")
       self.dropout = bx.Dropout(graph.child('dropout'), c.dropout_rate, rng)
 
-  def _drop(self, params: bx.Params, x: jax.Array, is_training: bool) -> tuple[jax.Array, bx.Params]:
-    if self.dropout is None:
-      return x, params
-    return self.dropout(params, x, is_training=is_training)
-
   def __call__(
       self,
       params: bx.Params,
@@ -79,20 +102,7 @@ class TransformerBlock(bx.Module):
     if x.ndim != 3 or x.shape[-1] != self.config.d_model:
       raise ValueError(
           f"TransformerBlock {bx.path_to_str(self.graph.path)}: expected x: [batch, seq, {self.config.d_model}], got {x.shape}.")
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape[:2])
-    x = constrain(x, ('batch', 'seq', 'embed'))
-
-    h, params = self.norm_1(params, x)
-    if cache is None:
-      a, params = self.attn(params, h, positions, mask=mask)
-      new_kv = None
-    else:
-      (a, new_kv), params = self.attn(params, h, positions, cache, mask=mask, cache_index=cache_index)
-    a, params = self._drop(params, a, is_training)
-    # The residual stream keeps x's dtype: it is the scan carry.
-    x = (x + a).astype(x.dtype)
-
+    x, new_kv, params = self._attend(params, x, cache, positions, mask, cache_index, is_training)
     h, params = self.norm_2(params, x)
     m, params = self.mlp(params, h)
     m, params = self._drop(params, m, is_training)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 import blox as bx
 from blox_scale.nn.attention import Attention, Cache
-from blox_scale.nn.block import make_norm
+from blox_scale.nn.block import PreNormBlock, make_norm
 from blox_scale.nn.config import BlockConfig, MoEConfig
 from blox_scale.nn.mlp import MLP
 from blox_scale.nn.moe import MoE
@@ -37,7 +37,7 @@ AUX_NAMES = ('aux_loss', 'moe_aux_loss', 'moe_z_loss', 'moe_dropped_frac')
 Aux = dict[str, jax.Array]
 
 
-class MoEBlock(bx.Module):
+class MoEBlock(PreNormBlock):
   """Pre-norm block whose MLP is a `MoE` (or a dense `MLP`, for the dense layers of a pattern).
 
     h = x + attn(norm_1(x));  y = h + moe(norm_2(h))
@@ -64,24 +64,11 @@ class MoEBlock(bx.Module):
     self.mlp = MLP(graph / 'mlp', c.mlp, rng) if moe is None else MoE(graph / 'moe', moe, c.mlp, rng)
     self.dropout = bx.Dropout(graph / 'dropout', c.dropout_rate, rng) if c.dropout_rate > 0 else None
 
-  def _drop(self, params: bx.Params, x: jax.Array, is_training: bool) -> tuple[jax.Array, bx.Params]:
-    return (x, params) if self.dropout is None else self.dropout(params, x, is_training=is_training)
-
   def __call__(self, params: bx.Params, carry: tuple[jax.Array, Aux], cache: Cache | None = None, *,
                positions: jax.Array | None = None, mask: jax.Array | None = None,
                cache_index: jax.Array | int = 0, is_training: bool = False) -> tuple[Any, bx.Params]:
     x, aux = carry
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32)[None], x.shape[:2])
-    x = constrain(x, ('batch', 'seq', 'embed'))
-    h, params = self.norm_1(params, x)
-    if cache is None:
-      a, params = self.attn(params, h, positions, mask=mask)
-    else:
-      (a, new_kv), params = self.attn(params, h, positions, cache, mask=mask, cache_index=cache_index)
-    a, params = self._drop(params, a, is_training)
-    x = (x + a).astype(x.dtype)   # the residual stream is the scan carry: same dtype
-
+    x, new_kv, params = self._attend(params, x, cache, positions, mask, cache_index, is_training)
     h, params = self.norm_2(params, x)
     if self.moe_config is None:
       m, params = self.mlp(params, h)
