@@ -74,3 +74,19 @@ def test_a_signal_while_a_tool_runs_unwinds_to_one_line(capsys):
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert capsys.readouterr().err == 'blox-thing: stopped by SIGTERM\n'
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+  # `blox-report runs/x | head`: the reader is gone while the tool writes; like cat, it stops with
+  # 128 + SIGPIPE and says nothing (it used to print 'error: [Errno 32] Broken pipe' and Python's
+  # 'Exception ignored ... BrokenPipeError' at exit).
+  tool = ("import sys; from blox_scale.cli.common import run_cli\n"
+          "sys.exit(run_cli('blox-report', lambda argv: print('step 1 loss 5.5\\n' * 20000)))")
+  read, write = os.pipe()
+  os.close(read)
+  try:
+    proc = subprocess.run([sys.executable, '-c', tool], cwd=REPO, stdout=write, stderr=subprocess.PIPE, text=True,
+                          timeout=120)
+  finally:
+    os.close(write)
+  assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, '')

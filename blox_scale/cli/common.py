@@ -8,6 +8,8 @@ stderr, `tool: error: <key or path>: <what is wrong>; <the fix>`, and an exit
 status: 2 for usage and config errors (`UsageError`, `ConfigError`), 1 for
 runtime failures (anything else). The traceback is printed only with
 `--debug` on the command line or `BLOX_DEBUG=1` in the environment.
+Output into a closed pipe (`tool ... | head`) ends the tool quietly with
+status 141 (128 + SIGPIPE), as a shell tool killed by SIGPIPE would.
 `ArgumentParser` is argparse's, with its errors raised as `UsageError` so
 they take the same path.
 """
@@ -85,6 +87,9 @@ def run_cli(tool: str, fn: Callable[[list[str]], int | None], argv: Sequence[str
     signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
     print(f'{tool}: stopped by {signum.name}', file=sys.stderr, flush=True)
     return 128 + signum
+  except BrokenPipeError:  # whoever read the output stopped (`blox-report runs/tiny | head`): stop quietly, as cat does
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would fail again)
+    return 128 + signal.SIGPIPE
   except Exception as e:  # noqa: BLE001  (every failure becomes one line; --debug shows the rest)
     if debug:
       traceback.print_exc()
