@@ -12,6 +12,10 @@ import tempfile
 
 # Must be set before jax initialises its backends.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+from helpers import TEST_XLA_FLAGS  # noqa: E402  (LLVM optimisation level 0: see tests/helpers.py)
+
+if TEST_XLA_FLAGS not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' ' + TEST_XLA_FLAGS
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _SESSION = os.environ.get('PYTEST_XDIST_TESTRUNUID') or str(os.getpid())  # the same for every xdist worker of a run
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'blox-tests-jax-cache-{_SESSION}'))

@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r'(?:<!--[ \t]*doc-test:[ \t]*(?P<kind>skip|shrink)[ \t]+(?P<reason>[^\n]*?)[ \t]*-->[ \t]*\n)?'
                    r'^```(?P<lang>[a-z]*)[^\n]*\n(?P<body>.*?)^```', re.M | re.S)
@@ -61,7 +63,7 @@ class DocBlockError(AssertionError):
 def run_page(page: Path, workdir: Path, *, timeout: float = 600) -> list[Block]:
   """Runs every block of `page` in `workdir`; returns the blocks it ran. Raises DocBlockError."""
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep)}
-  env.pop('XLA_FLAGS', None)  # as a reader's shell: one CPU device unless the page says otherwise
+  env['XLA_FLAGS'] = xla_flags()  # as a reader's shell: one CPU device unless the page says otherwise
   for name in ('configs', 'launch', 'docs'):  # pages run from a checkout's root: presets at configs/, ...
     if not (workdir / name).exists():
       (workdir / name).symlink_to(REPO / name)

@@ -44,11 +44,22 @@ def bf16_close(a, b):
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite compiles at LLVM optimisation level 0 (tests/conftest.py sets it for this process; the
+# subprocesses the tests start get it through `xla_flags`): the same HLO, XLA passes and buffer
+# assignment, with less optimised machine code, for about half the suite's CPU time (its programs
+# are tiny: compiling them dominated). Results may differ from level 2 in the last bits, never
+# between two runs of the suite's own programs; benchmarks/ keep XLA's defaults.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """`XLA_FLAGS` for a subprocess of the suite: `TEST_XLA_FLAGS`, and `devices` fake CPU devices if given."""
+  return TEST_XLA_FLAGS + (f' --xla_force_host_platform_device_count={devices}' if devices else '')
+
 
 def run_tool(tool, *args, cwd, check=True):
   """`python -m blox_scale.cli.<tool> *args` in `cwd` with this checkout first on PYTHONPATH, one CPU device."""
-  env = {**os.environ, 'PYTHONPATH': str(REPO)}
-  env.pop('XLA_FLAGS', None)
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'XLA_FLAGS': xla_flags()}
   proc = subprocess.run([sys.executable, '-m', f'blox_scale.cli.{tool}', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
   if check and proc.returncode:

@@ -20,7 +20,7 @@ from blox_scale.training.optim import make_optimizer
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
 from blox_scale.training.step import abstract_train_state, init_train_state, make_train_step, train_state_shardings
 
-from helpers import tree_allclose
+from helpers import tree_allclose, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, max_seq_len=16, remat='none')
@@ -144,7 +144,7 @@ _CRASHING_SAVE = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_crash_mid_save_never_leaves_a_good_looking_checkpoint(tmp_path):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags()}
   proc = subprocess.run([sys.executable, '-c', _CRASHING_SAVE, str(tmp_path)], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == -9, proc.stderr[-2000:]

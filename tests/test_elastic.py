@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 from blox_scale.cli.train import main
-from blox_scale.parallel.distributed import xla_flags_with_cpu_devices
 from blox_scale.training.metrics import read_metrics
+from helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = str(ROOT / 'launch' / 'local.sh')
@@ -58,9 +58,9 @@ def _start(processes: int, devices: int, workdir: Path, steps: int, mesh: str) -
   args = [sys.executable, '-m', 'blox_scale.cli.train',
           *_args(f'train.workdir={workdir}', f'train.steps={steps}', *(f'mesh.{kv}' for kv in mesh.split(',')))]
   if processes == 1:
-    cmd, env = args, _env(XLA_FLAGS=xla_flags_with_cpu_devices(devices, flags=''))
+    cmd, env = args, _env(XLA_FLAGS=xla_flags(devices))
   else:
-    cmd, env = [LOCAL, str(processes), *args], _env(BLOX_DEVICES_PER_PROCESS=str(devices))
+    cmd, env = [LOCAL, str(processes), *args], _env(BLOX_DEVICES_PER_PROCESS=str(devices), XLA_FLAGS=xla_flags())
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from blox_scale.training.metrics import read_metrics
+from helpers import xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def _command(workdir, *overrides):
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp('jax_cache')
   base = {k: v for k, v in os.environ.items() if not k.startswith(('BLOX_', 'JAX_COMPILATION'))}
-  return {**base, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  return {**base, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(1),
           'PYTHONPATH': str(REPO), 'JAX_COMPILATION_CACHE_DIR': str(cache),
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'PYTHONUNBUFFERED': '1'}
 

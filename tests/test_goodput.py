@@ -12,6 +12,7 @@ import pytest
 from blox_scale.cli.report import main as report_main
 from blox_scale.training import goodput
 from blox_scale.training.metrics import read_metrics
+from helpers import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['model.d_model=32', 'model.num_layers=1', 'model.num_heads=2', 'model.mlp_dim=64', 'model.remat=none',
@@ -82,7 +83,7 @@ def _wait_for_step(proc, workdir, step, checkpoint, timeout=240):
 def test_killed_and_resumed_twice_then_blox_report(tmp_path):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'blox_scale.cli.train', *TINY, f'train.workdir={workdir}']
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(1),
          'PYTHONPATH': str(REPO), 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
   for kill_after, checkpoint in ((8, 5), (16, 15)):  # past a checkpoint: some steps are done twice

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import multihost_driver  # noqa: E402
+from helpers import xla_flags  # noqa: E402
 
 LOCAL = str(ROOT / 'launch' / 'local.sh')
 DRIVER = str(ROOT / 'tests' / 'multihost_driver.py')
@@ -28,7 +29,7 @@ DRIVER = str(ROOT / 'tests' / 'multihost_driver.py')
 
 def _env(**extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith('BLOX_')}
-  env.pop('XLA_FLAGS', None)  # local.sh sets the per-process device count
+  env['XLA_FLAGS'] = xla_flags()  # local.sh adds the per-process device count
   env.update(extra)
   return env
 
@@ -117,7 +118,8 @@ def test_local_sh_reports_the_first_failure_and_prefixes_output():
                         cwd=ROOT, env=_env(BLOX_DEVICES_PER_PROCESS='3'), capture_output=True, text=True, timeout=60)
   assert proc.returncode == 5, proc.stdout + proc.stderr
   for i in range(3):
-    assert re.search(rf'^\[p{i}\] id={i} n=3 127\.0\.0\.1:\d+ +--xla_force_host_platform_device_count=3$',
+    # local.sh keeps the other XLA flags (here the suite's) and sets the device count.
+    assert re.search(rf'^\[p{i}\] id={i} n=3 127\.0\.0\.1:\d+ +{re.escape(xla_flags())} --xla_force_host_platform_device_count=3$',
                      proc.stdout, re.M), proc.stdout
   assert 'process 2 exited with status 5' in proc.stderr
 

@@ -12,6 +12,7 @@ from blox_scale.cli import plan as bplan
 from blox_scale.parallel import sharding
 from blox_scale.stacking.remat import POLICIES
 from blox_scale.training.config import load_config
+from helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ['model.num_layers=2', 'model.d_model=64', 'model.num_heads=4', 'model.mlp_dim=256',
@@ -60,7 +61,7 @@ def test_plan_names_the_param_that_does_not_divide():
 def test_cli_sets_its_own_device_count():
   # The command line asks for 4 devices; the test process has 8: plan.py must
   # start JAX with 4 (here, in a fresh process that has not started JAX yet).
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags()}  # (no device count)
   out = subprocess.run(
       [sys.executable, '-m', 'blox_scale.cli.plan', '--config', 'configs/tiny.yaml', '--devices', '4',
        '--mesh', 'data=2,fsdp=2,tensor=1', '--remat', 'full,dots', '--hbm', '1', *SMALL],
@@ -87,7 +88,7 @@ def test_plan_compiler_options_leave_the_memory_analysis_unchanged():
   lowered = make_train_step(model, optimizer, mesh, rules, shardings, batch_sh).lower(
       sharding.with_shardings(abstract, shardings), abstract_batch(8, 64, batch_sh))
   fields = lambda m: (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
-  default = fields(lowered.compile().memory_analysis())
+  default = fields(lowered.compile(compiler_options={'xla_backend_optimization_level': 3}).memory_analysis())  # XLA's default
   assert fields(lowered.compile(compiler_options=bplan.PLAN_COMPILER_OPTIONS).memory_analysis()) == default
   [row] = bplan.plan(cfg, mesh, remats=[cfg.model.remat])
   assert row.temp == default[3] and row.peak == default[0] + default[1] - default[2] + default[3]
@@ -120,7 +121,7 @@ def test_plan_past_its_deadline_keeps_the_exact_sizes_and_compiles_nothing():
 def test_cli_answers_within_its_time_limit():
   # Six 7B compiles (about 4 s of CPU each) cannot fit in 8 s: blox-plan prints what it compiled,
   # marks the rest, says which flag to change and exits 1 at the limit, not after the compiles.
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'} | {'XLA_FLAGS': xla_flags()}
   limit = 8
   start = time.monotonic()
   out = subprocess.run(

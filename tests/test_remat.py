@@ -147,7 +147,8 @@ def test_gradients_agree_across_policies():
   # ('full' is compared with an unrolled reference in test_stack.py.)
   for remat, names in [('dots', ()), ('dots_no_batch', ()), ('save_names', ('mlp_hidden',))]:
     loss, _, _ = make(remat, remat_names=names)
-    tree_allclose(jax.jit(jax.grad(loss))(weights, x), ref)
+    # The same math, fused and recomputed differently: f32 rounding of gradients up to ~90 in size.
+    tree_allclose(jax.jit(jax.grad(loss))(weights, x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_registry_errors():

@@ -19,6 +19,7 @@ from blox_scale.cli import tokenize as cli_tokenize
 from blox_scale.training import data as bd
 from blox_scale.training import tokenizer as tk
 from blox_scale.training.config import ConfigError, DataConfig, load_config
+from helpers import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = 'def f(x):\n  return "héllo ✓"  # ünïcode\n\tpass\n'
@@ -252,7 +253,7 @@ def test_blox_tokenize_usage_errors(tmp_path, capsys):
 
 def _run(*argv, timeout=900):
   proc = subprocess.run([sys.executable, '-m', *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                        env={**__import__('os').environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+                        env={**__import__('os').environ, 'XLA_FLAGS': xla_flags(1)})
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 

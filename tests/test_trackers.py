@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from blox_scale.training.config import ConfigError, load_config
 from blox_scale.training.metrics import read_metrics
+from helpers import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['model.d_model=32', 'model.num_layers=1', 'model.num_heads=2', 'model.mlp_dim=64', 'model.remat=none',
@@ -62,7 +63,7 @@ def test_tensorboard_wandb_and_profile_trace(tmp_path):
   (fake / 'wandb.py').write_text(FAKE_WANDB)
   workdir, log = tmp_path / 'run', tmp_path / 'wandb_calls.jsonl'
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(fake), str(REPO)]), 'FAKE_WANDB_LOG': str(log),
-         'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+         'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(1)}
   cmd = [sys.executable, '-m', 'blox_scale.cli.train', *TINY, f'train.workdir={workdir}', 'train.steps=4',
          'train.log_every=1', 'train.eval_every=2', 'train.eval_batches=1', 'train.profile=[1,3]',
          'train.wandb=true', 'train.wandb_project=test']

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blox_scale.parallel.distributed import xla_flags_with_cpu_devices
 from blox_scale.training import data as bd
 from blox_scale.training.checkpoint import Checkpointer
 from blox_scale.training.config import load_config
 from blox_scale.training.metrics import read_metrics
 from blox_scale.cli.train import EXIT_NONFINITE, main, train
+from helpers import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def _command(workdir, *overrides):
 
 def _env(devices=1):
   # One CPU device per process (the test session's 8 fake devices are not inherited).
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags_with_cpu_devices(devices, flags='')}
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(devices)}
 
 
 def _losses(workdir):
