@@ -135,3 +135,18 @@ def test_cli_answers_within_its_time_limit():
   assert '--remat full' in line and '--time-limit ' in line, line
   rows = [l for l in out.stdout.splitlines() if l.split()[:1] and l.split()[0] in POLICIES]
   assert len(rows) == 6 and any('n/a: not compiled within the time limit' in l for l in rows), out.stdout
+
+
+@pytest.mark.slow
+def test_cli_stops_at_its_time_limit_even_while_tracing():
+  # 2000 unscanned layers take far longer to trace than the limit: the watchdog ends blox-plan in one line.
+  limit = 5
+  start = time.monotonic()
+  out = subprocess.run(
+      [sys.executable, '-m', 'blox_scale.cli.plan', '--config', 'configs/llama_7b.yaml', '--devices', '8',
+       '--remat', 'full', '--time-limit', str(limit), 'model.scan_layers=false', 'model.num_layers=2000'],
+      cwd=ROOT, env={**os.environ, 'XLA_FLAGS': xla_flags()}, capture_output=True, text=True, timeout=120)
+  wall = time.monotonic() - start
+  assert out.returncode == 1 and wall < limit + 3, (wall, out.stderr[-2000:])
+  assert out.stderr.strip() == (f'blox-plan: error: --time-limit={limit}: still tracing a train step after {limit} s; '
+                                'allow more time (--time-limit 0 for none)'), out.stderr

@@ -384,8 +384,9 @@ def _main(argv: list[str]) -> int:
           f'{", ".join(modes[1][1].lora.targets)} with a bfloat16 / int8 frozen base', flush=True)
   deadline = _startup.STARTED + args.time_limit - EXIT_S if args.time_limit else None
   try:
-    rows = plan(cfg, mesh, remats=remats, modes=modes, deadline=deadline,
-                **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
+    with _Watchdog(args.time_limit if _STANDALONE else 0):
+      rows = plan(cfg, mesh, remats=remats, modes=modes, deadline=deadline,
+                  **({'remat_names': remat_auto.BLOCK_NAMES} if auto else {}))
   except ValueError as e:  # a param that does not divide over the mesh: the message names it
     raise ConfigError(str(e)) from e
   budget_gib = (args.hbm or cfg.model.remat_budget_gib) if auto else args.hbm
@@ -409,6 +410,43 @@ def _main(argv: list[str]) -> int:
   return 0
 
 
+class _Watchdog:
+  """Ends the process at --time-limit if planning is still in Python then.
+
+  `plan` checks its deadline between lowerings and waits for compiles only
+  until it; a single lowering can still outlast the limit (tracing a huge
+  model with model.scan_layers=false). Then this timer reports it in one line
+  and exits 1 (a command-line process only: `limit` 0 disables it).
+  """
+
+  def __init__(self, limit: float) -> None:
+    self._limit, self._lock, self._done = limit, threading.Lock(), False
+    self._timer = threading.Timer(max(0.0, _startup.STARTED + limit - 0.2 - time.monotonic()), self._fire)
+    self._timer.daemon = True
+
+  def __enter__(self) -> '_Watchdog':
+    if self._limit:
+      self._timer.start()
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    with self._lock:
+      self._done = True
+    self._timer.cancel()
+
+  def _fire(self) -> None:
+    with self._lock:
+      if self._done:
+        return
+      sys.stdout.flush()
+      os.write(2, f'blox-plan: error: --time-limit={self._limit:g}: still tracing a train step after '
+                  f'{self._limit:g} s; allow more time (--time-limit 0 for none)\n'.encode())
+      os._exit(1)
+
+
+_STANDALONE = False  # True in a blox-plan process (main() without argv): the watchdog may end it
+
+
 class PlanTimeout(RuntimeError):
   """Some train steps were not compiled within --time-limit (exit status 1)."""
 
@@ -423,6 +461,8 @@ def _more_time(limit: float, total: int, done: int) -> str:
 def main(argv: list[str] | None = None) -> int:
   """`blox-plan --config FILE --devices N [...]`; returns the exit status."""
   from blox_scale.cli.common import run_cli
+  global _STANDALONE
+  _STANDALONE = argv is None
   code = run_cli('blox-plan', _main, argv)
   if argv is None and code == 1 and threading.active_count() > 1:  # a compile past --time-limit: exit without waiting for it
     sys.stdout.flush()
