@@ -84,7 +84,14 @@ def _causal_attention(q, k, v):  # [n, T, hd] each
   return _softmax(scores) @ v
 
 
-def llama_reference(t: dict[str, np.ndarray], ids: np.ndarray, theta: float = 500000.0, eps: float = 1e-5) -> np.ndarray:
+def _swiglu_mlp(t: dict[str, np.ndarray], p: str, h: np.ndarray) -> np.ndarray:  # LlamaMLP of layer prefix p
+  gate, up = h @ t[p + 'mlp.gate_proj.weight'].T, h @ t[p + 'mlp.up_proj.weight'].T
+  return (gate / (1 + np.exp(-gate)) * up) @ t[p + 'mlp.down_proj.weight'].T
+
+
+def llama_reference(t: dict[str, np.ndarray], ids: np.ndarray, theta: float = 500000.0, eps: float = 1e-5,
+                    mlp=_swiglu_mlp) -> np.ndarray:
+  """float64 logits [T, vocab] of one sequence; `mlp(t, layer_prefix, h)` is each layer's MLP (Mixtral: its experts)."""
   t = {k: v.astype(np.float64) for k, v in t.items()}
   rms = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
   T = ids.shape[0]
@@ -103,9 +110,7 @@ def llama_reference(t: dict[str, np.ndarray], ids: np.ndarray, theta: float = 50
     k, v = np.repeat(k, HEADS // KV, axis=0), np.repeat(v, HEADS // KV, axis=0)  # HF repeat_kv
     a = _causal_attention(q, k, v).transpose(1, 0, 2).reshape(T, HEADS * HD)
     x = x + a @ t[p + 'self_attn.o_proj.weight'].T
-    h = rms(x, t[p + 'post_attention_layernorm.weight'])
-    gate, up = h @ t[p + 'mlp.gate_proj.weight'].T, h @ t[p + 'mlp.up_proj.weight'].T
-    x = x + (gate / (1 + np.exp(-gate)) * up) @ t[p + 'mlp.down_proj.weight'].T
+    x = x + mlp(t, p, rms(x, t[p + 'post_attention_layernorm.weight']))
   head = t.get('lm_head.weight', t['model.embed_tokens.weight'])
   return rms(x, t['model.norm.weight']) @ head.T
 

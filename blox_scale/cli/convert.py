@@ -155,11 +155,8 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   config = read_config(workdir)
   if config.model.factory:  # before anything is built or read: one line
     raise UsageError(f'model.factory={config.model.factory!r}: {workdir} holds a model built by model.factory, '
-                     'not a DecoderLM; blox-to-hf writes only DecoderLM layouts (Llama, GPT-2), '
+                     'not a DecoderLM; blox-to-hf writes only DecoderLM layouts (Llama, GPT-2, Mixtral), '
                      "so export this model's params yourself (blox_scale.training.checkpoint.restore_params)")
-  if config.model.moe.num_experts:  # no Mixtral mapping in interop/families.py yet
-    raise UsageError(f'model.moe.num_experts={config.model.moe.num_experts}: {workdir} holds a mixture-of-experts '
-                     'model; blox-to-hf writes only dense DecoderLM layouts (Llama, GPT-2), not Mixtral')
   model = build_model(config.model)
   adapted = config.finetune.lora.rank > 0 or config.finetune.quant != 'none'
   if adapted:  # a LoRA / int8-base run: its checkpoints hold the adapted model's params

@@ -1,13 +1,15 @@
 """Hugging Face model families as tables: tensor-name rules and a config mapping.
 
 A family is data, not a code path: a list of `Rule`s (one Hugging Face tensor
-<-> one or more blox params, per layer or not) and two functions between
+<-> one or more blox params, per layer, per layer and expert, or neither) and two functions between
 Hugging Face's `config.json` and `ModelConfig`. Adding Mistral or Qwen2 is a
 new table here; `hf.py` and the converter do not change.
 
 Layouts (blox params, per layer, see blox_scale/nn/attention.py and mlp.py):
   attn/q [embed, heads, head_dim], attn/k, attn/v [embed, kv_heads, head_dim],
-  attn/o [heads, head_dim, embed], mlp kernels [in, out].
+  attn/o [heads, head_dim, embed], mlp kernels [in, out]; MoE (nn/moe.py):
+  moe/router [embed, experts] (float32), moe/wi_gate, moe/wi_up [experts, embed, mlp],
+  moe/wo [experts, mlp, embed].
 Hugging Face `nn.Linear` weights are stored (out, in); GPT-2's `Conv1D`
 weights are stored (in, out).
 
@@ -24,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from blox_scale.models.config import ModelConfig
+from blox_scale.nn.config import MoEConfig
 
 Arrays = tuple[np.ndarray, ...]
 
@@ -32,10 +35,13 @@ Arrays = tuple[np.ndarray, ...]
 class Rule:
   """One Hugging Face tensor <-> the blox param(s) it holds.
 
-  hf: the tensor name; '{i}' stands for the layer index (a per-layer rule).
+  hf: the tensor name; '{i}' stands for the layer index (a per-layer rule),
+    '{e}' for the expert index (a per-expert rule, also per layer).
   blox: the param names under the model root ('layers/block/attn/q'); a
-    per-layer rule fills row i of each stacked param.
-  to_blox: `(hf_tensor, cfg) -> arrays` in blox layout, one per `blox` name.
+    per-layer rule fills row i of each stacked param, a per-expert rule row
+    [i, e] of a stacked `[layers, experts, ...]` param.
+  to_blox: `(hf_tensor, cfg) -> arrays` in blox layout, one per `blox` name
+    (for a per-expert rule: one expert's row).
   to_hf: `(arrays, cfg) -> hf_tensor`, the exact inverse.
   hf_shape: `cfg -> shape` of the Hugging Face tensor (checked before reading).
   """
@@ -48,6 +54,10 @@ class Rule:
   @property
   def per_layer(self) -> bool:
     return '{i}' in self.hf
+
+  @property
+  def per_expert(self) -> bool:
+    return '{e}' in self.hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +187,8 @@ def _llama_to_hf(c: ModelConfig) -> dict[str, Any]:
 
 
 def _llama_matches(c: ModelConfig) -> bool:
-  return (c.position, c.norm, c.mlp_activation, c.qk_norm, c.sliding_window) == ('rope', 'rmsnorm', 'swiglu', False, 0)
+  return ((c.position, c.norm, c.mlp_activation, c.qk_norm, c.sliding_window, c.moe.num_experts)
+          == ('rope', 'rmsnorm', 'swiglu', False, 0, 0))
 
 
 LLAMA = Family('llama', 'llama', 'LlamaForCausalLM', _llama_rules, _llama_from_hf, _llama_to_hf, _llama_matches,
@@ -259,15 +270,84 @@ def _gpt2_to_hf(c: ModelConfig) -> dict[str, Any]:
 
 def _gpt2_matches(c: ModelConfig) -> bool:
   d, n, k, h = _dims(c)
-  return ((c.position, c.norm, c.mlp_activation, c.use_bias, c.qk_norm, c.sliding_window)
-          == ('learned', 'layernorm', 'gelu', True, False, 0) and k == n and n * h == d)
+  return ((c.position, c.norm, c.mlp_activation, c.use_bias, c.qk_norm, c.sliding_window, c.moe.num_experts)
+          == ('learned', 'layernorm', 'gelu', True, False, 0, 0) and k == n and n * h == d)
 
 
 GPT2 = Family('gpt2', 'gpt2', 'GPT2LMHeadModel', _gpt2_rules, _gpt2_from_hf, _gpt2_to_hf, _gpt2_matches,
               save_prefix='transformer.', load_prefixes=('transformer.', ''),
               ignore=('attn.bias', 'attn.masked_bias'))
 
-FAMILIES = {f.model_type: f for f in (LLAMA, GPT2)}
+# -----------------------------------------------------------------------------
+# Mixtral (MixtralForCausalLM): Llama's attention, norms, embeddings and head; a MoE MLP in every layer
+# -----------------------------------------------------------------------------
+
+
+def _mixtral_rules(c: ModelConfig) -> list[Rule]:
+  d, f, E = c.d_model, c.moe.mlp_dim or c.mlp_dim, c.moe.num_experts
+  L, X = 'model.layers.{i}.block_sparse_moe.', 'model.layers.{i}.block_sparse_moe.experts.{e}.'
+  return [r for r in _llama_rules(c) if '.mlp.' not in r.hf] + [
+      _linear_t(L + 'gate.weight', 'layers/block/moe/router', lambda c: (E, d)),      # [E, d] <-> [d, E]
+      _linear_t(X + 'w1.weight', 'layers/block/moe/wi_gate', lambda c: (f, d)),       # per expert [f, d] <-> [d, f]
+      _linear_t(X + 'w3.weight', 'layers/block/moe/wi_up', lambda c: (f, d)),
+      _linear_t(X + 'w2.weight', 'layers/block/moe/wo', lambda c: (d, f)),            # [d, f] <-> [f, d]
+  ]
+
+
+def _mixtral_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """Llama's mapping plus model.moe: dropless (no token dropped, as Hugging Face computes), topk_softmax
+  routing; router_aux_loss_coef * num_experts_per_tok is the aux-loss weight (HF's f_e counts each of the
+  k choices, blox's is a fraction of the N*k assignments); no z-loss (Mixtral has none)."""
+  _require(hf, ('num_local_experts', 'intermediate_size'))
+  problems: list[tuple[str, str, str]] = []
+  try:
+    base = _llama_from_hf({k: v for k, v in hf.items() if k != 'sliding_window'})
+  except UnsupportedConfig as e:
+    problems, base = list(e.problems), None
+  _check(problems, hf, 'sliding_window', lambda v: v is None or v >= hf.get('max_position_embeddings', 2048), None,
+         'is not supported for the mixtral family (it would limit attention below max_position_embeddings)',
+         'use null, as Mixtral-8x7B does')
+  _check(problems, hf, 'attention_bias', lambda v: not v, False, 'is not supported (Mixtral has no biases)',
+         'only false converts')
+  _check(problems, hf, 'router_jitter_noise', lambda v: not v, 0.0, 'is not supported (blox routers add no noise)',
+         'use 0.0')
+  experts, top_k = hf['num_local_experts'], hf.get('num_experts_per_tok', 2)
+  _check(problems, hf, 'num_experts_per_tok', lambda v: isinstance(v, int) and 1 <= v <= experts, 2,
+         f'must be in [1, num_local_experts={experts}]', 'fix config.json')
+  if problems:
+    raise UnsupportedConfig(problems)
+  moe = MoEConfig(num_experts=experts, top_k=top_k, every_n_layers=1, mlp_dim=0, dispatch='dropless',
+                  routing='topk_softmax', aux_loss_weight=float(hf.get('router_aux_loss_coef', 0.001)) * top_k,
+                  z_loss_weight=0.0)
+  return dataclasses.replace(base, moe=moe)
+
+
+def _mixtral_to_hf(c: ModelConfig) -> dict[str, Any]:
+  d, n, k, h = _dims(c)
+  m = c.moe
+  return {
+      'architectures': ['MixtralForCausalLM'], 'model_type': 'mixtral', 'vocab_size': c.vocab_size,
+      'hidden_size': d, 'intermediate_size': m.mlp_dim or c.mlp_dim, 'num_hidden_layers': c.num_layers,
+      'num_attention_heads': n, 'num_key_value_heads': k, 'head_dim': h, 'hidden_act': 'silu',
+      'max_position_embeddings': c.max_seq_len, 'rms_norm_eps': c.norm_eps, 'rope_theta': c.rope_theta,
+      'sliding_window': None, 'tie_word_embeddings': c.tie_embeddings, 'num_local_experts': m.num_experts,
+      'num_experts_per_tok': m.top_k, 'router_aux_loss_coef': m.aux_loss_weight / m.top_k,
+      'output_router_logits': False, 'router_jitter_noise': 0.0, 'attention_dropout': 0.0,
+      'initializer_range': c.init_std, 'use_cache': True,
+  }
+
+
+def _mixtral_matches(c: ModelConfig) -> bool:
+  m = c.moe
+  return ((c.position, c.norm, c.mlp_activation, c.qk_norm, c.sliding_window, c.use_bias)
+          == ('rope', 'rmsnorm', 'swiglu', False, 0, False)
+          and m.num_experts > 0 and m.every_n_layers == 1 and m.routing == 'topk_softmax')
+
+
+MIXTRAL = Family('mixtral', 'mixtral', 'MixtralForCausalLM', _mixtral_rules, _mixtral_from_hf, _mixtral_to_hf,
+                 _mixtral_matches, ignore=('rotary_emb.inv_freq',))
+
+FAMILIES = {f.model_type: f for f in (LLAMA, GPT2, MIXTRAL)}
 
 
 def family_for_hf(hf: dict[str, Any]) -> Family:
@@ -284,5 +364,7 @@ def family_for_model(c: ModelConfig) -> Family:
       return family
   raise UnsupportedConfig([(
       'model', f'position={c.position!r}, norm={c.norm!r}, mlp_activation={c.mlp_activation!r}, use_bias={c.use_bias}, '
-      f'qk_norm={c.qk_norm}, sliding_window={c.sliding_window} matches no Hugging Face family',
-      'llama: rope + rmsnorm + swiglu; gpt2: learned + layernorm + gelu + use_bias')])
+      f'qk_norm={c.qk_norm}, sliding_window={c.sliding_window}, moe.num_experts={c.moe.num_experts}, '
+      f'moe.every_n_layers={c.moe.every_n_layers}, moe.routing={c.moe.routing!r} matches no Hugging Face family',
+      'llama: rope + rmsnorm + swiglu; gpt2: learned + layernorm + gelu + use_bias; '
+      "mixtral: llama's + model.moe with every_n_layers 1, routing topk_softmax and no use_bias")])

@@ -80,11 +80,18 @@ def hf_config(config: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
 # -----------------------------------------------------------------------------
 
 
-def expected_tensors(family: Family, config: ModelConfig) -> dict[str, tuple[Rule, int | None]]:
-  """Every Hugging Face tensor name the model needs -> (its rule, layer index or None)."""
+Index = int | tuple[int, int] | None  # where a tensor goes in its stacked param: layer i, [i, expert e], or whole
+
+
+def expected_tensors(family: Family, config: ModelConfig) -> dict[str, tuple[Rule, Index]]:
+  """Every Hugging Face tensor name the model needs -> (its rule, index: layer i, (i, expert e) or None)."""
   out = {}
   for rule in family.rules(config):
-    if rule.per_layer:
+    if rule.per_expert:
+      for i in range(config.num_layers):
+        for e in range(config.moe.num_experts):
+          out[rule.hf.format(i=i, e=e)] = (rule, (i, e))
+    elif rule.per_layer:
       for i in range(config.num_layers):
         out[rule.hf.format(i=i)] = (rule, i)
     else:
@@ -121,8 +128,11 @@ def check_tensors(reader: st.Reader, family: Family, config: ModelConfig) -> dic
       continue
     hint = 'not a weight of this family'
     m = re.search(r'layers?\.(\d+)\.|h\.(\d+)\.', name)
+    x = re.search(r'experts\.(\d+)\.', name)
     if m and int(m.group(1) or m.group(2)) >= config.num_layers:
       hint = f'layer index beyond num_layers={config.num_layers} in config.json'
+    elif x and int(x.group(1)) >= config.moe.num_experts:
+      hint = f'expert index beyond num_experts={config.moe.num_experts} in config.json'
     problems.append((original, 'unexpected', f'{hint}; remove it or fix config.json'))
   if problems:
     raise ConversionError(problems)
@@ -143,7 +153,7 @@ def _build_model(config: ModelConfig) -> tuple[DecoderLM, bx.Params]:
   return model, jax.eval_shape(model.init, 0)
 
 
-Source = Callable[[int | None], np.ndarray]
+Source = Callable[..., np.ndarray]  # (layer i or None, index=()) -> that param's row i (or whole), [index]
 
 
 def param_sources(directory: str | Path, dtype: str = 'float32', progress: Progress | None = None
@@ -153,26 +163,35 @@ def param_sources(directory: str | Path, dtype: str = 'float32', progress: Progr
   Returns `(model, abstract_params, sources)`: `sources[path] = (per_layer,
   source)` for every param the checkpoint fills, where `source(i)` reads the
   one Hugging Face tensor of layer `i` (`source(None)` for a param outside the
-  stack) and returns it in blox layout and `dtype`. The Rng params are not
-  in `sources` (they are not stored by Hugging Face).
+  stack) and returns it in blox layout and the param's dtype (`dtype`; the
+  MoE router stays float32). A per-expert param's row `i` is `[experts, ...]`,
+  read one expert tensor at a time. `source(i, index)` returns `row[index]`
+  (a tuple of slices) and reads only the experts `index[0]` selects.
+  The Rng params are not in `sources` (they are not stored by Hugging Face).
   """
   family, config = read_config(directory, dtype)
   reader = st.Reader(directory)
   stored = check_tensors(reader, family, config)
   model, abstract = _build_model(config)
   progress = progress or (lambda n: None)
-  target = np.dtype(jnp.dtype(dtype))
   sources = {}
   for rule in family.rules(config):
     for which, name in enumerate(rule.blox):
       path = _path(model, name)
       if path not in abstract:
         raise AssertionError(f'{family.name} table names {name}, which {type(model).__name__} does not have')
+      target = np.dtype(abstract[path].value.dtype)
 
-      def source(i: int | None, rule: Rule = rule, which: int = which) -> np.ndarray:
-        t = reader.read(stored[rule.hf if i is None else rule.hf.format(i=i)])
+      def read(name: str, rule: Rule = rule, which: int = which, target: np.dtype = target) -> np.ndarray:
+        t = reader.read(stored[name])
         progress(t.nbytes)
-        return np.ascontiguousarray(rule.to_blox(t, config)[which].astype(target, copy=False))
+        return rule.to_blox(t, config)[which].astype(target, copy=False)
+
+      def source(i: int | None, index: tuple[slice, ...] = (), rule: Rule = rule, read: Callable = read) -> np.ndarray:
+        if not rule.per_expert:
+          return np.ascontiguousarray(read(rule.hf if i is None else rule.hf.format(i=i))[index])
+        experts = range(config.moe.num_experts)[index[0] if index else slice(None)]
+        return np.stack([np.ascontiguousarray(read(rule.hf.format(i=i, e=e))[index[1:]]) for e in experts])
 
       sources[path] = (rule.per_layer, source)
   rng_paths = set(model.rng.seed(bx.Params(), seed=0).keys())
@@ -187,11 +206,11 @@ def _callback(per_layer: bool, source: Source, num_layers: int, dtype: np.dtype)
 
   def callback(index: tuple[slice, ...]) -> np.ndarray:
     if not per_layer:
-      return np.ascontiguousarray(source(None)[index])
+      return source(None, index)
     layers = range(num_layers)[index[0]]
     out = None
     for k, i in enumerate(layers):
-      piece = source(i)[index[1:]]
+      piece = source(i, index[1:])
       if out is None:
         out = np.empty((len(layers),) + piece.shape, dtype)
       out[k] = piece
@@ -223,10 +242,9 @@ def load(directory: str | Path, dtype: str = 'float32', *, mesh: jax.sharding.Me
   else:
     replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: replicated, abstract)
-  target = np.dtype(jnp.dtype(dtype))
   values: dict[tuple[str, ...], jax.Array] = {}
   for path, (per_layer, source) in sources.items():
-    cb = _callback(per_layer, source, model.config.num_layers, target)
+    cb = _callback(per_layer, source, model.config.num_layers, np.dtype(abstract[path].value.dtype))
     values[path] = jax.make_array_from_callback(abstract[path].shape, shardings[path].value, cb)
   for path, param in model.rng.seed(bx.Params(), seed=0).items():
     values[path] = jax.device_put(param.value, replicated)
@@ -263,13 +281,14 @@ def temp_dir_for(out_dir: Path) -> Path:
   return tmp
 
 
-def _tensor_plan(model: DecoderLM, family: Family) -> list[tuple[str, Rule, int | None]]:
-  """(hf name, rule, layer) in writing order: embeddings, then each per-layer rule for layers
-  0..L-1 (one stacked param is needed at a time), then the final norm and the head."""
+def _tensor_plan(model: DecoderLM, family: Family) -> list[tuple[str, Rule, Index]]:
+  """(hf name, rule, index) in writing order: embeddings, then each per-layer rule for layers
+  0..L-1 (and experts 0..E-1 of each; one stacked param is needed at a time), then the final
+  norm and the head."""
   c = model.config
-  rules = family.rules(c)
-  head = [(family.save_prefix + r.hf, r, None) for r in rules if not r.per_layer]
-  layers = [(family.save_prefix + r.hf.format(i=i), r, i) for r in rules if r.per_layer for i in range(c.num_layers)]
+  expected = expected_tensors(family, c)
+  head = [(family.save_prefix + name, r, i) for name, (r, i) in expected.items() if i is None]
+  layers = [(family.save_prefix + name, r, i) for name, (r, i) in expected.items() if i is not None]
   first = [t for t in head if t[1].blox[0] in ('embed/embedding', 'pos_embed/embedding')]
   last = [t for t in head if t not in first]
   return first + layers + last
