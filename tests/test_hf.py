@@ -77,10 +77,13 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def _causal_attention(q, k, v):  # [n, T, hd] each
+def _causal_attention(q, k, v, window: int = 0):  # [n, T, hd] each; window > 0: query i sees keys i-window < j <= i
   scores = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1])
   T = q.shape[1]
-  scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+  allowed = np.tril(np.ones((T, T), bool))
+  if window:
+    allowed &= ~np.tril(np.ones((T, T), bool), -window)  # HF masking_utils: kv_idx > q_idx - sliding_window
+  scores = np.where(allowed, scores, -np.inf)
   return _softmax(scores) @ v
 
 
@@ -90,8 +93,9 @@ def _swiglu_mlp(t: dict[str, np.ndarray], p: str, h: np.ndarray) -> np.ndarray: 
 
 
 def llama_reference(t: dict[str, np.ndarray], ids: np.ndarray, theta: float = 500000.0, eps: float = 1e-5,
-                    mlp=_swiglu_mlp) -> np.ndarray:
-  """float64 logits [T, vocab] of one sequence; `mlp(t, layer_prefix, h)` is each layer's MLP (Mixtral: its experts)."""
+                    mlp=_swiglu_mlp, window: int = 0) -> np.ndarray:
+  """float64 logits [T, vocab] of one sequence; `mlp(t, layer_prefix, h)` is each layer's MLP (Mixtral: its experts);
+  window > 0 is Mistral's sliding window (0: full causal, Llama)."""
   t = {k: v.astype(np.float64) for k, v in t.items()}
   rms = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
   T = ids.shape[0]
@@ -108,7 +112,7 @@ def llama_reference(t: dict[str, np.ndarray], ids: np.ndarray, theta: float = 50
     v = (h @ t[p + 'self_attn.v_proj.weight'].T).reshape(T, KV, HD).transpose(1, 0, 2)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     k, v = np.repeat(k, HEADS // KV, axis=0), np.repeat(v, HEADS // KV, axis=0)  # HF repeat_kv
-    a = _causal_attention(q, k, v).transpose(1, 0, 2).reshape(T, HEADS * HD)
+    a = _causal_attention(q, k, v, window).transpose(1, 0, 2).reshape(T, HEADS * HD)
     x = x + a @ t[p + 'self_attn.o_proj.weight'].T
     x = x + mlp(t, p, rms(x, t[p + 'post_attention_layernorm.weight']))
   head = t.get('lm_head.weight', t['model.embed_tokens.weight'])

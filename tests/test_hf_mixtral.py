@@ -72,10 +72,10 @@ def moe_mlp(t: dict[str, np.ndarray], p: str, h: np.ndarray) -> np.ndarray:
   return out
 
 
-def mixtral_reference(t: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+def mixtral_reference(t: dict[str, np.ndarray], ids: np.ndarray, window: int = 0) -> np.ndarray:
   """float64 logits [T, vocab]: Llama's attention, norms and RoPE (test_hf.llama_reference), MoE MLPs."""
   assert (HEADS, KV, HD, LAYERS) == (test_hf.HEADS, test_hf.KV, test_hf.HD, test_hf.LAYERS)
-  return test_hf.llama_reference(t, ids, theta=1e6, mlp=moe_mlp)
+  return test_hf.llama_reference(t, ids, theta=1e6, mlp=moe_mlp, window=window)
 
 
 IDS = np.array([[3, 17, 42, 5, 63, 0, 9, 28, 11, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], np.int32)
@@ -132,17 +132,24 @@ def test_mixtral_load_onto_expert_mesh_equals_one_device(tmp_path):
   assert all(np.array_equal(got[p], want[p]) for p in want)
 
 
-def test_mixtral_hf_to_blox_then_blox_to_hf_is_bitwise(tmp_path):
-  t = write_mixtral(tmp_path / 'hf', seed=3, vocab=256)  # the byte tokenizer's vocab
+def hf_to_blox_to_hf(tmp_path: Path, t: dict[str, np.ndarray]):
+  """blox-convert hf-to-blox of tmp_path/hf (params equal bs.hf.load's), then blox-to-hf into tmp_path/out
+  (tensors equal `t`, bitwise); returns the workdir's Config."""
   run_tool('convert', 'hf-to-blox', str(tmp_path / 'hf'), str(tmp_path / 'wd'), '--no-progress', cwd=REPO)
-  config, model, params = load_for_inference(tmp_path / 'wd')
-  assert config.model.moe.num_experts == E and config.model.moe.dispatch == 'dropless'
+  config, _, params = load_for_inference(tmp_path / 'wd')
   _, reference = bs.hf.load(tmp_path / 'hf')
   got, want = _values(params), _values(reference)
   assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
   assert convert.main(['blox-to-hf', str(tmp_path / 'wd'), str(tmp_path / 'out'), '--no-progress']) == 0
   saved, _ = _read_all(tmp_path / 'out')
   assert saved.keys() == t.keys() and all(np.array_equal(saved[k], t[k]) for k in t)
+  return config
+
+
+def test_mixtral_hf_to_blox_then_blox_to_hf_is_bitwise(tmp_path):
+  t = write_mixtral(tmp_path / 'hf', seed=3, vocab=256)  # the byte tokenizer's vocab
+  config = hf_to_blox_to_hf(tmp_path, t)
+  assert config.model.moe.num_experts == E and config.model.moe.dispatch == 'dropless'
 
 
 def test_mixtral_bad_tensors_and_config_are_all_listed(tmp_path, capsys):
@@ -162,7 +169,7 @@ def test_mixtral_bad_tensors_and_config_are_all_listed(tmp_path, capsys):
       f'num_experts={E} in config.json; remove it or fix config.json'])
   assert not (tmp_path / 'wd').exists()
 
-  write_mixtral(tmp_path / 'hf2', sliding_window=16, router_jitter_noise=0.1)
+  write_mixtral(tmp_path / 'hf2', sliding_window=0, router_jitter_noise=0.1)
   with pytest.raises(bs.hf.UnsupportedConfig) as e:
     bs.hf.load(tmp_path / 'hf2')
   assert {k for k, _, _ in e.value.problems} == {'config.json/sliding_window', 'config.json/router_jitter_noise'}

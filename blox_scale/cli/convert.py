@@ -155,7 +155,7 @@ def checkpoint_fetch(workdir: Path, step: int | None):
   config = read_config(workdir)
   if config.model.factory:  # before anything is built or read: one line
     raise UsageError(f'model.factory={config.model.factory!r}: {workdir} holds a model built by model.factory, '
-                     'not a DecoderLM; blox-to-hf writes only DecoderLM layouts (Llama, GPT-2, Mixtral), '
+                     'not a DecoderLM; blox-to-hf writes only DecoderLM layouts (Llama, Mistral, GPT-2, Mixtral), '
                      "so export this model's params yourself (blox_scale.training.checkpoint.restore_params)")
   model = build_model(config.model)
   adapted = config.finetune.lora.rank > 0 or config.finetune.quant != 'none'

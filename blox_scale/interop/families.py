@@ -2,7 +2,7 @@
 
 A family is data, not a code path: a list of `Rule`s (one Hugging Face tensor
 <-> one or more blox params, per layer, per layer and expert, or neither) and two functions between
-Hugging Face's `config.json` and `ModelConfig`. Adding Mistral or Qwen2 is a
+Hugging Face's `config.json` and `ModelConfig`. Adding Qwen2 is a
 new table here; `hf.py` and the converter do not change.
 
 Layouts (blox params, per layer, see blox_scale/nn/attention.py and mlp.py):
@@ -158,8 +158,9 @@ def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
   _check(problems, hf, 'mlp_bias', lambda v: v == hf.get('attention_bias', False), False,
          f"differs from attention_bias={hf.get('attention_bias', False)!r} (blox model.use_bias covers both)",
          'both must be equal')
-  _check(problems, hf, 'sliding_window', lambda v: v is None, None, 'is not supported for the llama family',
-         'remove it or add a mistral table')
+  _check(problems, hf, 'sliding_window', lambda v: v is None, None,
+         'is not supported for the llama family (LlamaForCausalLM attends to every earlier position)',
+         "remove it, or use model_type 'mistral' (MistralForCausalLM) for a windowed model")
   if problems:
     raise UnsupportedConfig(problems)
   heads = hf['num_attention_heads']
@@ -193,6 +194,66 @@ def _llama_matches(c: ModelConfig) -> bool:
 
 LLAMA = Family('llama', 'llama', 'LlamaForCausalLM', _llama_rules, _llama_from_hf, _llama_to_hf, _llama_matches,
                ignore=('rotary_emb.inv_freq',))
+
+
+# -----------------------------------------------------------------------------
+# Mistral (MistralForCausalLM): Llama's tensors and config plus a sliding window
+# -----------------------------------------------------------------------------
+
+
+def _sliding_window(problems: list, hf: dict[str, Any], default: int | None) -> int:
+  """config.json's sliding_window -> model.sliding_window (0 = full causal).
+
+  Hugging Face (masking_utils.sliding_window_causal_mask_function) lets query i
+  attend key j iff i - sliding_window < j <= i, which is blox's
+  `attention_mask` and `local_window_size=(window - 1, 0)`. null, or a window
+  of at least max_position_embeddings (it never masks a key then), is 0.
+  """
+  w = hf.get('sliding_window', default)
+  if w is None:
+    return 0
+  if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+    problems.append(('config.json/sliding_window', f'{w!r} is not a window size',
+                     'use a positive integer, or null for full causal attention'))
+    return 0
+  return 0 if w >= hf.get('max_position_embeddings', 2048) else w
+
+
+def _windowed_llama_from_hf(hf: dict[str, Any], family: str,
+                            default_window: int | None) -> tuple[ModelConfig | None, list]:
+  """Llama's mapping plus sliding_window, no biases (Mistral and Mixtral have none): (config or None, problems)."""
+  problems: list[tuple[str, str, str]] = []
+  try:
+    base = _llama_from_hf({k: v for k, v in hf.items() if k not in ('sliding_window', 'attention_bias', 'mlp_bias')})
+  except UnsupportedConfig as e:
+    problems, base = list(e.problems), None
+  window = _sliding_window(problems, hf, default_window)
+  _check(problems, hf, 'attention_bias', lambda v: not v, False, f'is not supported ({family} has no biases)',
+         'only false converts')
+  return (None if base is None else dataclasses.replace(base, sliding_window=window)), problems
+
+
+def _mistral_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """Llama's mapping plus sliding_window; a missing key is MistralConfig's default, 4096."""
+  config, problems = _windowed_llama_from_hf(hf, 'mistral', 4096)
+  if problems:
+    raise UnsupportedConfig(problems)
+  return config
+
+
+def _mistral_to_hf(c: ModelConfig) -> dict[str, Any]:
+  llama_only = ('attention_bias', 'mlp_bias', 'pretraining_tp', 'rope_scaling')
+  return {**{k: v for k, v in _llama_to_hf(c).items() if k not in llama_only},
+          'architectures': ['MistralForCausalLM'], 'model_type': 'mistral', 'sliding_window': c.sliding_window or None}
+
+
+def _mistral_matches(c: ModelConfig) -> bool:  # windowed only: without a window the model exports as Llama
+  return (c.sliding_window > 0 and not c.use_bias
+          and _llama_matches(dataclasses.replace(c, sliding_window=0)))
+
+
+MISTRAL = Family('mistral', 'mistral', 'MistralForCausalLM', _llama_rules, _mistral_from_hf, _mistral_to_hf,
+                 _mistral_matches, ignore=('rotary_emb.inv_freq',))
 
 
 # -----------------------------------------------------------------------------
@@ -297,18 +358,10 @@ def _mixtral_rules(c: ModelConfig) -> list[Rule]:
 def _mixtral_from_hf(hf: dict[str, Any]) -> ModelConfig:
   """Llama's mapping plus model.moe: dropless (no token dropped, as Hugging Face computes), topk_softmax
   routing; router_aux_loss_coef * num_experts_per_tok is the aux-loss weight (HF's f_e counts each of the
-  k choices, blox's is a fraction of the N*k assignments); no z-loss (Mixtral has none)."""
+  k choices, blox's is a fraction of the N*k assignments); no z-loss (Mixtral has none); sliding_window as
+  Mistral's (a missing key is MixtralConfig's default, null)."""
   _require(hf, ('num_local_experts', 'intermediate_size'))
-  problems: list[tuple[str, str, str]] = []
-  try:
-    base = _llama_from_hf({k: v for k, v in hf.items() if k != 'sliding_window'})
-  except UnsupportedConfig as e:
-    problems, base = list(e.problems), None
-  _check(problems, hf, 'sliding_window', lambda v: v is None or v >= hf.get('max_position_embeddings', 2048), None,
-         'is not supported for the mixtral family (it would limit attention below max_position_embeddings)',
-         'use null, as Mixtral-8x7B does')
-  _check(problems, hf, 'attention_bias', lambda v: not v, False, 'is not supported (Mixtral has no biases)',
-         'only false converts')
+  base, problems = _windowed_llama_from_hf(hf, 'mixtral', None)
   _check(problems, hf, 'router_jitter_noise', lambda v: not v, 0.0, 'is not supported (blox routers add no noise)',
          'use 0.0')
   experts, top_k = hf['num_local_experts'], hf.get('num_experts_per_tok', 2)
@@ -323,31 +376,26 @@ def _mixtral_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _mixtral_to_hf(c: ModelConfig) -> dict[str, Any]:
-  d, n, k, h = _dims(c)
   m = c.moe
   return {
-      'architectures': ['MixtralForCausalLM'], 'model_type': 'mixtral', 'vocab_size': c.vocab_size,
-      'hidden_size': d, 'intermediate_size': m.mlp_dim or c.mlp_dim, 'num_hidden_layers': c.num_layers,
-      'num_attention_heads': n, 'num_key_value_heads': k, 'head_dim': h, 'hidden_act': 'silu',
-      'max_position_embeddings': c.max_seq_len, 'rms_norm_eps': c.norm_eps, 'rope_theta': c.rope_theta,
-      'sliding_window': None, 'tie_word_embeddings': c.tie_embeddings, 'num_local_experts': m.num_experts,
+      **_mistral_to_hf(c), 'architectures': ['MixtralForCausalLM'], 'model_type': 'mixtral',
+      'intermediate_size': m.mlp_dim or c.mlp_dim, 'num_local_experts': m.num_experts,
       'num_experts_per_tok': m.top_k, 'router_aux_loss_coef': m.aux_loss_weight / m.top_k,
-      'output_router_logits': False, 'router_jitter_noise': 0.0, 'attention_dropout': 0.0,
-      'initializer_range': c.init_std, 'use_cache': True,
+      'output_router_logits': False, 'router_jitter_noise': 0.0,
   }
 
 
 def _mixtral_matches(c: ModelConfig) -> bool:
   m = c.moe
-  return ((c.position, c.norm, c.mlp_activation, c.qk_norm, c.sliding_window, c.use_bias)
-          == ('rope', 'rmsnorm', 'swiglu', False, 0, False)
+  return ((c.position, c.norm, c.mlp_activation, c.qk_norm, c.use_bias)
+          == ('rope', 'rmsnorm', 'swiglu', False, False)
           and m.num_experts > 0 and m.every_n_layers == 1 and m.routing == 'topk_softmax')
 
 
 MIXTRAL = Family('mixtral', 'mixtral', 'MixtralForCausalLM', _mixtral_rules, _mixtral_from_hf, _mixtral_to_hf,
                  _mixtral_matches, ignore=('rotary_emb.inv_freq',))
 
-FAMILIES = {f.model_type: f for f in (LLAMA, GPT2, MIXTRAL)}
+FAMILIES = {f.model_type: f for f in (LLAMA, MISTRAL, GPT2, MIXTRAL)}
 
 
 def family_for_hf(hf: dict[str, Any]) -> Family:
@@ -366,5 +414,6 @@ def family_for_model(c: ModelConfig) -> Family:
       'model', f'position={c.position!r}, norm={c.norm!r}, mlp_activation={c.mlp_activation!r}, use_bias={c.use_bias}, '
       f'qk_norm={c.qk_norm}, sliding_window={c.sliding_window}, moe.num_experts={c.moe.num_experts}, '
       f'moe.every_n_layers={c.moe.every_n_layers}, moe.routing={c.moe.routing!r} matches no Hugging Face family',
-      'llama: rope + rmsnorm + swiglu; gpt2: learned + layernorm + gelu + use_bias; '
+      "llama: rope + rmsnorm + swiglu, no sliding_window; mistral: llama's without use_bias, sliding_window > 0; "
+      'gpt2: learned + layernorm + gelu + use_bias; '
       "mixtral: llama's + model.moe with every_n_layers 1, routing topk_softmax and no use_bias")])
