@@ -145,7 +145,7 @@ class LoRAConfig:
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
   """Fine-tuning from a pretrained model: LoRA, freezing, the frozen base's storage."""
-  init_from: str = field('', "Pretrained weights: a blox-train workdir, or hf:DIR (a Hugging Face checkpoint); '' = train from scratch.")
+  init_from: str = field('', "Pretrained weights: a blox-train workdir, or hf:DIR (a Hugging Face checkpoint; a directory with config.json and no config.yaml is one without the prefix, and its tokenizer, if it ships one, replaces data.tokenizer=byte); '' = train from scratch.")
   lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig, metadata={'doc': 'Low-rank adapters.'})
   freeze: tuple[str, ...] = field((), 'Path patterns of params kept frozen (with LoRA on, every base param is frozen).')
   base_dtype: str = field('', "Storage dtype of the base params ('' = the source's; 'bfloat16' halves a frozen base).")

@@ -1,7 +1,7 @@
 """Fine-tuning in the trainer: the model and the first train state come from a pretrained source.
 
     finetune:
-      init_from: runs/tiny            # a blox-train workdir, or hf:DIR
+      init_from: runs/tiny            # a blox-train workdir, or hf:DIR (or a DIR with config.json)
       lora: {rank: 8, alpha: 16, targets: [attn/q, attn/v]}
       base_dtype: bfloat16            # '' = the source's
       quant: none                     # or int8
@@ -9,7 +9,8 @@
 1. `resolve(cfg)`: the `model:` section is the source's (a key the run sets to
    something else is a ConfigError naming it); only the keys that change how
    the same weights run (`RUN_KEYS`: remat, compute dtype, scan, dropout,
-   z-loss) stay the run's. `finetune.base_dtype` sets `model.param_dtype`.
+   z-loss; `MOE_RUN_KEYS`: expert dispatch, capacity, router loss weights)
+   stay the run's. A Hugging Face source's tokenizer becomes `data.tokenizer`. `finetune.base_dtype` sets `model.param_dtype`.
 2. `build_model(model_cfg, ft)`: `DecoderLM` with LoRA / an int8 base wrapped in.
 3. `adapt(model, ft, base_params)`: pure, jittable: base params cast to the
    storage dtype, adapters created (B = 0), everything but the adapters
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -39,10 +41,27 @@ from blox_scale.training.step import TrainState
 
 # Model keys a fine-tuning run may set: they change how the weights run, not what they are.
 RUN_KEYS = ('remat', 'remat_names', 'remat_nested', 'remat_budget_gib', 'scan_layers', 'dtype', 'dropout_rate', 'z_loss')
+# The same for `model.moe`; a run that leaves one at its default keeps the source's (Mixtral: aux weight 0.04, no z-loss).
+MOE_RUN_KEYS = ('dispatch', 'capacity_factor', 'aux_loss_weight', 'z_loss_weight')
 
 
 def _hf_dir(init_from: str) -> str | None:
-  return init_from[len('hf:'):] if init_from.startswith('hf:') else None
+  """The Hugging Face directory of `init_from`: `hf:DIR`, or a directory with config.json and no config.yaml."""
+  if init_from.startswith('hf:'):
+    return init_from[len('hf:'):]
+  path = Path(init_from).expanduser()
+  if (path / 'config.json').is_file() and not (path / 'config.yaml').is_file():
+    return init_from
+  return None
+
+
+def hf_tokenizer(init_from: str) -> str | None:
+  """The directory of `init_from` when it is a Hugging Face directory shipping tokenizer.json or tokenizer.model."""
+  from blox_scale.training.tokenizer import HF_FILE, SENTENCEPIECE_FILE
+  hf_dir = _hf_dir(init_from)
+  if hf_dir is None or not any((Path(hf_dir).expanduser() / n).is_file() for n in (HF_FILE, SENTENCEPIECE_FILE)):
+    return None
+  return hf_dir
 
 
 def source_model_config(init_from: str) -> ModelConfig:
@@ -67,26 +86,44 @@ def resolve(cfg: Config) -> Config:
   """`cfg` with the model section of `finetune.init_from` (unchanged when init_from is empty).
 
   A model key the run sets (differs from the default) to a value other than
-  the source's is a ConfigError naming it; `RUN_KEYS` stay the run's.
+  the source's is a ConfigError naming it; `RUN_KEYS` stay the run's. A
+  Hugging Face source that ships a tokenizer is the run's `data.tokenizer`
+  unless the run names another ('byte', the default, is replaced).
   """
   f = cfg.finetune
   if not f.init_from:
     return cfg
   source = source_model_config(f.init_from)
-  default = ModelConfig()
-  for field in dataclasses.fields(ModelConfig):
-    name = field.name
-    mine, theirs = getattr(cfg.model, name), getattr(source, name)
-    if name in RUN_KEYS or mine == theirs or mine == getattr(default, name):
-      continue
-    fix = ("set finetune.base_dtype to store the base in another dtype" if name == 'param_dtype'
-           else 'drop the override: a fine-tuned model has the shape of its source')
-    raise ConfigError(f'model.{name}={mine!r} conflicts with the source model of finetune.init_from='
-                      f'{f.init_from!r} ({name}={theirs!r}); {fix}')
-  model = dataclasses.replace(source, **{k: getattr(cfg.model, k) for k in RUN_KEYS})
+  model = _merged_section(cfg.model, source, ModelConfig(), 'model', f.init_from)
   if f.base_dtype:
     model = dataclasses.replace(model, param_dtype=f.base_dtype)
-  return dataclasses.replace(cfg, model=model)
+  data = cfg.data
+  tokenizer = hf_tokenizer(f.init_from)
+  if tokenizer is not None and data.tokenizer == type(data)().tokenizer:
+    data = dataclasses.replace(data, tokenizer=tokenizer)  # the model's own tokenizer, not bytes
+  return dataclasses.replace(cfg, model=model, data=data)
+
+
+def _merged_section(mine: Any, theirs: Any, default: Any, prefix: str, init_from: str) -> Any:
+  """The source's section `theirs` with the run's keys of `mine` (`RUN_KEYS`, `MOE_RUN_KEYS`); conflicts raise."""
+  run_keys, keep_default = {'model': (RUN_KEYS, False), 'model.moe': (MOE_RUN_KEYS, True)}.get(prefix, ((), True))
+  changes = {}
+  for field in dataclasses.fields(default):
+    name, key = field.name, f'{prefix}.{field.name}'
+    a, b, d = getattr(mine, name), getattr(theirs, name), getattr(default, name)
+    if name in run_keys:
+      if not (keep_default and a == d):
+        changes[name] = a
+    elif dataclasses.is_dataclass(d) and a != d:
+      changes[name] = _merged_section(a, b, d, key, init_from)
+    elif a != b and a != d:
+      fix = ('set finetune.base_dtype to store the base in another dtype' if key == 'model.param_dtype'
+             else 'drop the override: a fine-tuned model has the shape of its source')
+      if prefix == 'model.moe':
+        fix += f' (a run may set model.moe.{{{",".join(MOE_RUN_KEYS)}}})'
+      raise ConfigError(f'{key}={a!r} conflicts with the source model of finetune.init_from={init_from!r} '
+                        f'({name}={b!r}); {fix}')
+  return dataclasses.replace(theirs, **changes)
 
 
 def build_model(model_cfg: ModelConfig, f: FinetuneConfig) -> DecoderLM:
@@ -96,7 +133,13 @@ def build_model(model_cfg: ModelConfig, f: FinetuneConfig) -> DecoderLM:
     try:
       ft.add_lora(model, f.lora.targets, rank=f.lora.rank, alpha=f.lora.alpha, dropout=f.lora.dropout)
     except ValueError as e:
-      raise ConfigError(str(e)) from e
+      hint = ''
+      if model_cfg.moe.num_experts > 0 and 'match no projection' in str(e):
+        hint = (' In an MoE model the MLP of an MoE layer is moe/ (the router and the stacked expert kernels '
+                'moe/wi_gate, moe/wi_up, moe/wo: [experts, in, out] arrays, not projections), so mlp/* matches only '
+                'dense layers and LoRA does not adapt experts; target attention (attn/q, attn/v or attn/*), and use '
+                'finetune.quant=int8 to shrink the frozen experts.')
+      raise ConfigError(str(e) + hint) from e
   if f.quant == 'int8':
     ft.add_int8_base(model)
   return model
