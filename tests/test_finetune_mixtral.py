@@ -45,6 +45,12 @@ def test_a_hf_directory_is_the_source_and_mlp_targets_name_the_experts(tmp_path)
   assert run.data.tokenizer == str(hf)  # 'byte' is the default: the directory's tokenizer is used
   with pytest.raises(ConfigError, match=r'model\.moe\.num_experts=8 conflicts .*num_experts=4'):
     finetune.resolve(load_config(None, [f'finetune.init_from={hf}', 'model.moe.num_experts=8']))
+  # A bfloat16 base keeps the router float32, as the model creates it (a cast router failed the first call).
+  bf16 = finetune.resolve(load_config(None, [f'finetune.init_from={hf}', 'finetune.lora.rank=8',
+                                             'finetune.base_dtype=bfloat16']))
+  stored = finetune.abstract_params(finetune.build_model(bf16.model, bf16.finetune), bf16.finetune)
+  moe = ('lm', 'layers', 'block', 'moe')
+  assert (stored[moe + ('router',)].dtype, stored[moe + ('wo',)].dtype) == (jnp.float32, jnp.bfloat16)
   with pytest.raises(ConfigError, match=r"\['mlp/\*'\] match no projection.*moe/wi_gate.*LoRA does not adapt experts"):
     finetune.build_model(cfg.model, cfg.finetune.__class__(lora=cfg.finetune.lora.__class__(rank=8, targets=('mlp/*',))))
 

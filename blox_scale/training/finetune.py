@@ -148,15 +148,17 @@ def build_model(model_cfg: ModelConfig, f: FinetuneConfig) -> DecoderLM:
 def adapt(model: DecoderLM, f: FinetuneConfig, base: bx.Params, seed: int = 0) -> bx.Params:
   """Pretrained base params -> the params a fine-tuning run trains from (pure; jit it).
 
-  Float base params are cast to the model's `param_dtype`; params the model
+  Float base params are cast to the dtype the model creates them in (`param_dtype`;
+  float32 for an MoE router); params the model
   has and the base lacks (the adapters) get their `model.init(seed)` values;
   then freezing (every base param with LoRA, else the `freeze` patterns) and
   int8 quantization of the frozen kernels.
   """
-  dtype = jnp.dtype(model.config.param_dtype)
-  cast = {k: (p.replace(value=p.value.astype(dtype)) if jnp.issubdtype(p.dtype, jnp.floating) else p)
-          for k, p in base.items()}
   fresh = model.init(seed)
+  # Each float param in the dtype the model creates it with: `param_dtype`, but an MoE router stays float32.
+  dtype = lambda k: fresh[k].dtype if k in fresh else jnp.dtype(model.config.param_dtype)
+  cast = {k: (p.replace(value=p.value.astype(dtype(k))) if jnp.issubdtype(p.dtype, jnp.floating) else p)
+          for k, p in base.items()}
   params = bx.Params(cast, base.is_locked).merge(
       bx.Params({k: p for k, p in fresh.items() if k not in base}, base.is_locked))
   if f.lora.rank > 0:
