@@ -11,7 +11,10 @@ aliases + temporaries), the trainable parameter count, and the step time
 (median over repeats of `steps` steps with one batch reused, compile
 excluded). Modes run interleaved within each repeat, since a shared
 machine's load drifts; ratios are against full fine-tuning of the same model.
-LoRA: rank 8 on attn/q, attn/v and mlp/* (the tiny_lora preset's targets).
+LoRA: rank 8 on attn/q, attn/v and mlp/* (the tiny_lora preset's targets);
+on attn/q and attn/v for the MoE model (`moe`, Mixtral-shaped: 8 experts,
+top-2, experts ~93% of the params), whose int8 base also stores the expert
+kernels as int8 (one scale per expert and output channel).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import blox as bx
 from blox_scale import finetune as ft
 from blox_scale.models import DecoderLM
 from blox_scale.models.config import ModelConfig
+from blox_scale.nn.config import MoEConfig
 from blox_scale.parallel.sharding import batch_sharding, make_mesh, rules_from_config, with_shardings
 from blox_scale.training import finetune
 from blox_scale.training.config import FinetuneConfig, LoRAConfig, MeshConfig
@@ -41,6 +45,9 @@ MODELS = {
     # ~150M params: large enough that params and optimizer state, not activations, set the peak.
     # Memory only by default (--time-models): a step of it takes seconds on a CPU.
     'mid150m': ModelConfig(d_model=1024, num_layers=12, mlp_dim=4096, num_heads=16, max_seq_len=128),
+    # Mixtral's shape scaled down (memory only by default): LoRA on attention, the experts frozen.
+    'moe': ModelConfig(d_model=512, num_layers=4, mlp_dim=1024, num_heads=8, num_kv_heads=2, max_seq_len=128,
+                       tie_embeddings=False, moe=MoEConfig(num_experts=8, top_k=2)),
 }
 LORA = LoRAConfig(rank=8, alpha=16, targets=('attn/q', 'attn/v', 'mlp/*'))
 MODES = {
@@ -49,6 +56,14 @@ MODES = {
     'lora bf16 base': FinetuneConfig(init_from='bench', lora=LORA, base_dtype='bfloat16'),
     'lora int8 base': FinetuneConfig(init_from='bench', lora=LORA, base_dtype='bfloat16', quant='int8'),
 }
+
+
+def modes(model_cfg: ModelConfig) -> dict[str, FinetuneConfig | None]:
+  """`MODES`, with LoRA on attention only for an MoE model (its MLPs are experts, not projections)."""
+  if not model_cfg.moe.num_experts:
+    return MODES
+  lora = dataclasses.replace(LORA, targets=('attn/q', 'attn/v'))
+  return {m: f if f is None else dataclasses.replace(f, lora=lora) for m, f in MODES.items()}
 
 
 class Case:
@@ -115,11 +130,11 @@ def main() -> None:
   args = ap.parse_args()
   MiB = 1024 ** 2
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}; batch {args.batch} x {args.seq}; '
-        f'LoRA rank {LORA.rank} on {", ".join(LORA.targets)}')
+        f'LoRA rank {LORA.rank} on {", ".join(LORA.targets)} (MoE models: attn/q, attn/v)')
   timed = set(args.time_models.split(','))
   for name in args.models.split(','):
     run = name in timed
-    cases = {mode: Case(MODELS[name], f, args.batch, args.seq, run=run) for mode, f in MODES.items()}
+    cases = {mode: Case(MODELS[name], f, args.batch, args.seq, run=run) for mode, f in modes(MODELS[name]).items()}
     times: dict[str, list[float]] = {mode: [] for mode in cases}
     if run:
       for case in cases.values():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,3 +100,50 @@ def test_lora_on_mixtral_trains_exports_and_samples(tmp_path, capsys):
   capsys.readouterr()
   assert sample.main(['--hf', str(out), '--prompt', 'def ', '--max-new-tokens', '4', '--temperature', '0']) == 0
   assert capsys.readouterr().out.startswith('def ')
+
+
+@pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
+def test_int8_expert_kernels_equal_the_dequantized_f32_model(tmp_path, dispatch):
+  import dataclasses
+  import blox as bx
+
+  t = write_mixtral(tmp_path / 'hf')
+  plain, base = bs.hf.load(tmp_path / 'hf')
+  config = dataclasses.replace(plain.config, moe=dataclasses.replace(plain.config.moe, dispatch=dispatch,
+                                                                     capacity_factor=2.0))
+  model = bs.DecoderLM(bx.Graph('lm'), config)
+  bs.finetune.add_lora(model, ['attn/q'], rank=4, alpha=8)
+  bs.finetune.add_int8_base(model, targets=())  # the experts only: attention stays f32 here
+  params = bs.finetune.quantize(model, bs.finetune.freeze_base(bs.finetune.init_new_params(model, base, seed=0)))
+  reference = dict(base.items())
+  for name, hf_name, transpose in (('wi_gate', 'w1', True), ('wi_up', 'w3', True), ('wo', 'w2', True)):
+    path = ('lm', 'layers', 'block', 'moe', name)
+    q, scale = params[path], params[path[:-1] + (name + '_scale',)]
+    assert q.dtype == jnp.int8 and not q.trainable and scale.value.shape == q.value.shape[:2] + q.value.shape[3:]
+    w = np.asarray(q.value, np.float64) * np.asarray(scale.value, np.float64)[:, :, None, :]  # per expert, per output
+    for i in range(2):
+      for e in range(4):
+        want = t[f'model.layers.{i}.block_sparse_moe.experts.{e}.{hf_name}.weight'].T
+        s = np.asarray(scale.value)[i, e]
+        np.testing.assert_allclose(s, np.abs(want).max(axis=0) / 127, rtol=1e-6)  # max |w| over the inputs
+        assert np.all(np.abs(w[i, e] - want) <= s / 2 * (1 + 1e-6))  # rounding error at most half a step
+    reference[path] = base[path].replace(value=jnp.asarray(w, jnp.float32))
+  reference = bx.Params(reference, base.is_locked)
+  # blox-train's finetune.quant=int8 stores the experts so too (attention's projections with Int8Base).
+  from blox_scale.training.config import FinetuneConfig, LoRAConfig
+  f = FinetuneConfig(init_from='hf', lora=LoRAConfig(rank=4), quant='int8')
+  stored = finetune.abstract_params(finetune.build_model(config, f), f)
+  moe, q = ('lm', 'layers', 'block', 'moe'), ('lm', 'layers', 'block', 'attn', 'q')
+  assert (stored[moe + ('wo',)].dtype, stored[moe + ('wo_scale',)].shape, stored[q].dtype) == (jnp.int8, (2, 4, 32), jnp.int8)
+  ids = jnp.asarray([[3, 17, 42, 5, 63, 0, 9, 28], [1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
+  got, _ = jax.jit(model.__call__)(params, ids)  # B = 0: the adapters add nothing yet
+  want, _ = jax.jit(bs.DecoderLM(bx.Graph('lm'), config).__call__)(reference, ids)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  # merge (and blox-to-hf's one-kernel-at-a-time reader) give the dequantized experts, no scales.
+  merged = bs.finetune.merge(model, params)
+  read = bs.finetune.merged_reader(model, params, lambda p: np.asarray(params[p].value))
+  assert not any(k[-1].endswith('_scale') for k in merged.keys())
+  for k in reference.keys():
+    if 'rng' not in k:
+      np.testing.assert_array_equal(np.asarray(merged[k].value), np.asarray(reference[k].value), err_msg='/'.join(k))
+      np.testing.assert_array_equal(read(k), np.asarray(merged[k].value), err_msg='/'.join(k))

@@ -21,7 +21,7 @@ import numpy as np
 import blox as bx
 from blox_scale.finetune.lora import LoRA
 from blox_scale.finetune.params import unfreeze
-from blox_scale.finetune.quant import _leading_layers, dequantize_array
+from blox_scale.finetune.quant import _leading_layers, dequantize_array, dequantize_expert_kernel, int8_expert_kernels
 from blox_scale.finetune.wrap import Wrapper, in_ndim, projections
 
 
@@ -60,11 +60,13 @@ def fold(outer: Wrapper, read: Callable[[tuple[str, ...]], bx.Param]) -> bx.Para
 
 
 def merge(model: Any, params: bx.Params) -> bx.Params:
-  """Returns the base model's params with every LoRA folded in and every int8 kernel dequantized."""
+  """Returns the base model's params with every LoRA folded in and every int8 kernel (experts too) dequantized."""
   data = dict(params.items())
   for _, outer in projections(model):
     if isinstance(outer, Wrapper):
       data[outer.param_path('kernel')] = fold(outer, data.pop)
+  for path, moe in int8_expert_kernels(model).items():
+    data[path] = dequantize_expert_kernel(moe, path, data.pop)
   return unfreeze(bx.Params(data, params.is_locked))
 
 
@@ -78,10 +80,14 @@ def merged_reader(model: Any, stored: bx.Params,
   so an export holds one projection and its adapters in memory, not the model.
   """
   wrapped = {outer.param_path('kernel'): outer for _, outer in projections(model) if isinstance(outer, Wrapper)}
+  experts = int8_expert_kernels(model)
+  stored_param = lambda p: stored[p].replace(value=fetch(p))
 
   def read(path: tuple[str, ...]) -> Any:
+    if path in experts:
+      return np.asarray(dequantize_expert_kernel(experts[path], path, stored_param).value)
     if path not in wrapped:
       return fetch(path)
-    return np.asarray(fold(wrapped[path], lambda p: stored[p].replace(value=fetch(p))).value)
+    return np.asarray(fold(wrapped[path], stored_param).value)
 
   return read

@@ -20,6 +20,8 @@ Params (logical axes):
   wi_gate, wi_up       [E, embed, mlp]      ('expert', 'embed', 'mlp')   (gated activations)
   wi                   [E, embed, mlp]      ('expert', 'embed', 'mlp')   (gelu)
   wo                   [E, mlp, embed]      ('expert', 'mlp', 'embed')
+An expert kernel may be stored as int8 with `<name>_scale: f32[E, out]` beside it (a frozen
+fine-tuning base, `bs.finetune.quantize`); `MoE` dequantizes it per call.
 The 'expert' axis maps to the mesh's expert axis (parallel/sharding.py): expert
 parallelism. In the capacity path tokens reach their experts by sharding
 constraints (XLA inserts the all-to-alls), not by hand-written collectives.
@@ -130,14 +132,30 @@ class MoE(bx.Module):
     w['router'], params = self.get_param(
         params, 'router', (d, E), jax.nn.initializers.normal(m.init_std), dtype=jnp.float32,
         metadata={'sharding': ('embed', None)}, rng=self.rng)
-    for name in self.names:
-      w[name], params = self.get_param(
-          params, name, (E, d, f), jax.nn.initializers.normal(m.init_std), dtype=m.param_dtype,
-          metadata={'sharding': ('expert', 'embed', 'mlp')}, rng=self.rng)
-    w['wo'], params = self.get_param(
-        params, 'wo', (E, f, d), jax.nn.initializers.normal(out_std), dtype=m.param_dtype,
-        metadata={'sharding': ('expert', 'mlp', 'embed')}, rng=self.rng)
+    for name in (*self.names, 'wo'):
+      quantized = self._int8(params, name)
+      if quantized is not None:
+        w[name] = quantized
+        continue
+      shape, std, axes = ((E, f, d), out_std, ('expert', 'mlp', 'embed')) if name == 'wo' else \
+          ((E, d, f), m.init_std, ('expert', 'embed', 'mlp'))
+      w[name], params = self.get_param(params, name, shape, jax.nn.initializers.normal(std), dtype=m.param_dtype,
+                                       metadata={'sharding': axes}, rng=self.rng)
     return w, params
+
+  def _int8(self, params: bx.Params, name: str) -> jax.Array | None:
+    """An int8 expert kernel (a frozen fine-tuning base) dequantized, or None when it is stored as floats.
+
+    `name: int8[E, in, out]` with `name_scale: f32[E, out]` (one scale per expert and output
+    channel, `bs.finetune.quantize`) -> `q * scale` in `param_dtype`, computed per call (inside
+    a stack's scan: one layer at a time), for either dispatch path.
+    """
+    stored = params.get(self.param_path(name))
+    if stored is None or stored.dtype != jnp.int8:
+      return None
+    scale = params[self.param_path(name + '_scale')].value
+    w = stored.value.astype(jnp.float32) * scale.astype(jnp.float32)[..., None, :]
+    return w.astype(self.mlp.param_dtype)
 
   def _dtype(self, x: jax.Array, w: dict[str, jax.Array]) -> jnp.dtype:
     return jnp.result_type(x, w['wo']) if self.mlp.dtype is None else jnp.dtype(self.mlp.dtype)

@@ -149,7 +149,7 @@ class FinetuneConfig:
   lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig, metadata={'doc': 'Low-rank adapters.'})
   freeze: tuple[str, ...] = field((), 'Path patterns of params kept frozen (with LoRA on, every base param is frozen).')
   base_dtype: str = field('', "Storage dtype of the base params ('' = the source's; 'bfloat16' halves a frozen base).")
-  quant: str = field('none', "Frozen base kernels: 'none' or 'int8' (weight-only, per-channel scales; needs LoRA).")
+  quant: str = field('none', "Frozen base kernels: 'none' or 'int8' (weight-only, per-channel scales, MoE expert kernels included; needs LoRA).")
 
 
 @dataclasses.dataclass(frozen=True)
