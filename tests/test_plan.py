@@ -150,3 +150,37 @@ def test_cli_stops_at_its_time_limit_even_while_tracing():
   assert out.returncode == 1 and wall < limit + 3, (wall, out.stderr[-2000:])
   assert out.stderr.strip() == (f'blox-plan: error: --time-limit={limit}: still tracing a train step after {limit} s; '
                                 'allow more time (--time-limit 0 for none)'), out.stderr
+
+
+def _mixtral_lora_tiny():
+  """configs/mixtral_8x7b_lora.yaml at tiny shapes: LoRA on attn/*, int8 experts over the 8 devices' expert axis."""
+  tiny = ['model.num_layers=1', 'model.d_model=32', 'model.num_heads=4', 'model.num_kv_heads=2', 'model.mlp_dim=64',
+          'model.vocab_size=256', 'model.max_seq_len=16', 'data.seq_len=16', 'data.batch_size=8']
+  cfg = load_config(ROOT / 'configs' / 'mixtral_8x7b_lora.yaml', tiny, files=False)
+  return cfg, bplan.finetune_modes(cfg)
+
+
+def test_plan_sizes_moe_finetuning_modes_with_int8_experts():
+  cfg, modes = _mixtral_lora_tiny()
+  assert [label for label, _ in modes] == ['full', 'lora bf16', 'lora int8']
+  assert all('mlp' not in t for t in modes[1][1].lora.targets)  # an MoE model has no mlp/* kernels to adapt
+  # Past its deadline: exact sizes, nothing compiled (the compiles: the slow test below).
+  rows = {r.mode: r for r in bplan.plan(cfg, sharding.make_mesh(cfg.mesh), remats=['full'], modes=modes,
+                                        deadline=time.monotonic())}
+  m = cfg.model
+  experts_per_device = m.num_layers * 3 * m.d_model * m.mlp_dim * m.moe.num_experts // cfg.mesh.expert
+  # The experts' kernels go from 2 bytes (bf16 base) to 1 (int8) per element, less their f32 scales;
+  # the attention kernels are int8 too, so the saving is at least the experts' elements.
+  saved = rows['lora bf16'].params - rows['lora int8'].params
+  assert saved >= experts_per_device, (saved, experts_per_device)
+  assert rows['full'].params > rows['lora bf16'].params  # full fine-tuning: f32 params
+  assert rows['lora int8'].opt_state == rows['lora bf16'].opt_state < rows['full'].opt_state
+
+
+@pytest.mark.slow
+def test_plan_compiles_every_moe_finetuning_mode():
+  cfg, modes = _mixtral_lora_tiny()
+  rows = bplan.plan(cfg, sharding.make_mesh(cfg.mesh), remats=['full'], modes=modes)
+  assert [r.mode for r in rows] == ['full', 'lora bf16', 'lora int8']
+  for r in rows:
+    assert not r.error and r.peak > 0, (r.mode, r.error)
