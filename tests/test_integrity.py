@@ -55,14 +55,15 @@ def test_all_finite():
   assert not bool(integrity.all_finite({'a': jnp.array([1.0, jnp.nan])}))
 
 
-def _never_retrieved_logs(filename: str, function: str) -> list[str]:
+def _never_retrieved_logs(filename: str, function: str,
+                          message: str = 'Encountered error while reading array index') -> list[str]:
   """What asyncio logs for a task that failed inside `function` of `filename` and was never awaited."""
   import asyncio
   import gc
   import logging
 
   namespace: dict = {}
-  exec(compile(f'async def {function}():\n  raise ValueError("Encountered error while reading array index")\n',
+  exec(compile(f'async def {function}():\n  raise ValueError({message!r})\n',
                filename, 'exec'), namespace)
   records = []
   handler = logging.Handler()
@@ -93,5 +94,8 @@ def test_abandoned_orbax_reads_are_not_logged_other_task_errors_are(monkeypatch)
   assert _never_retrieved_logs(orbax_file, '_read_array_index_and_device_put') == []
   assert any('never retrieved' in m for m in _never_retrieved_logs('/home/user/mine.py', 'read_my_file'))
   assert any('never retrieved' in m for m in _never_retrieved_logs(orbax_file, '_write_array'))
+  # A failed save's other writes (into its .orbax-checkpoint-tmp directory), wherever they were raised.
+  tmp_write = '/run/checkpoints/8.orbax-checkpoint-tmp-1/state/d/0: No space left on device'
+  assert _never_retrieved_logs('/site-packages/tensorstore/x.py', 'write_chunk', tmp_write) == []
   monkeypatch.setenv('BLOX_DEBUG', '1')
   assert any('never retrieved' in m for m in _never_retrieved_logs(orbax_file, '_read_array_index_and_device_put'))

@@ -48,6 +48,7 @@ from blox_scale.training.checkpoint import CHECKPOINT_DIR, Checkpointer
 from blox_scale.training.config import CONFIG_FILE, Config, ConfigError, load_config, merge_into, read_config, save_config, to_dict
 from blox_scale.training.disk import WriteFailed, writing
 from blox_scale.training.data import build_data, check_corpus, check_resume_state, check_stream, load_tokens, stream_identity
+from blox_scale.training import integrity
 from blox_scale.training.integrity import all_finite
 from blox_scale.training import goodput, offload
 from blox_scale.training.trackers import PROFILE_DIR, Profile, make_trackers, raised_in_tensorboardx
@@ -87,19 +88,6 @@ class _OrbaxErrorsReported(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR or '/orbax/' not in record.pathname or bool(os.environ.get('BLOX_DEBUG'))
-
-
-class _UnretrievedSaveErrors(logging.Filter):
-  """Drops asyncio's '... exception was never retrieved' for a checkpoint write that failed (an orbax
-  tmp directory on a full disk): orbax's other write futures of the failed save end that way after the
-  trainer has reported the failure in one line. Anything else asyncio logs is kept; BLOX_DEBUG=1 keeps all."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    first = record.getMessage().split('\n', 1)[0]  # 'Future/_GatheringFuture/Task exception was never retrieved'
-    if os.environ.get('BLOX_DEBUG') or not first.endswith('exception was never retrieved'):
-      return True
-    value = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(value, (ValueError, OSError)) and '.orbax-checkpoint-tmp' in str(value))
 
 
 def _drop_reported_write_errors() -> None:
@@ -260,7 +248,7 @@ def train(config: Config) -> int:
 
   # -- 5. state: restore or init (the first writes to the workdir) ------------------------------------
   logging.getLogger('absl').addFilter(_OrbaxErrorsReported())
-  logging.getLogger('asyncio').addFilter(_UnretrievedSaveErrors())
+  integrity.drop_abandoned_orbax_errors()  # asyncio's reports of a failed save's other writes
   _drop_reported_write_errors()
   checkpoints = Checkpointer(workdir, cfg.checkpoint)
   # The newest checkpoint that verifies (fingerprints, finite params); bad ones are reported and set aside.
